@@ -1,0 +1,162 @@
+"""Safetensors headers and a streaming writer, without loading tensors.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header mapping tensor names to
+``{dtype, shape, data_offsets}`` (offsets relative to the end of the header), then the raw bytes.
+Reading only the header lets repack and tests locate any tensor's bytes without touching the rest;
+writing the header first lets the synthetic generator stream tens of GB to disk tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# safetensors dtype code -> bytes per element
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
+
+# Refuse absurd headers before allocating them (a corrupt length field would otherwise ask for TBs).
+MAX_HEADER_BYTES = 100 << 20
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file is unreadable, truncated or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live. ``offset`` is absolute within ``path``."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Reads a safetensors header and checks every tensor lies within the file.
+
+    Returns:
+        (tensors by name, the ``__metadata__`` dict).
+
+    Raises:
+        SafetensorsError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: file is {size} bytes, too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise SafetensorsError(
+                f"{path}: header length {header_len} does not fit in a {size}-byte file "
+                "(truncated or not a safetensors file)"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        dtype, shape = entry["dtype"], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise SafetensorsError(f"{path}: tensor '{name}' has unknown dtype {dtype}")
+        expected = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dtype]
+        if end - begin != expected:
+            raise SafetensorsError(
+                f"{path}: tensor '{name}' spans {end - begin} bytes, but {dtype}{list(shape)} "
+                f"needs {expected}"
+            )
+        if data_start + end > size:
+            raise SafetensorsError(
+                f"{path}: tensor '{name}' data ends at byte {data_start + end}, beyond the file's "
+                f"{size} bytes (truncated download?)"
+            )
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+    return tensors, metadata
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dtype]
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose tensors are announced up front and streamed in order.
+
+    The layout matches ``mx.save_safetensors``: names sorted, compact JSON header with
+    ``{"format": "mlx"}`` metadata, data packed back to back in header order.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[str, tuple[int, ...]]]):
+        self.path = Path(path)
+        self._order = sorted(specs)
+        header: dict = {"__metadata__": {"format": "mlx"}}
+        offset = 0
+        self._sizes = {}
+        for name in self._order:
+            dtype, shape = specs[name]
+            nbytes = tensor_nbytes(dtype, shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._sizes[name] = nbytes
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+        self._written_in_tensor = 0
+
+    def write(self, name: str, data: bytes | memoryview | np.ndarray) -> None:
+        """Appends bytes of ``name``; a tensor may arrive in several pieces, tensors in sorted order."""
+        expected = self._order[self._next]
+        if name != expected:
+            raise ValueError(f"{self.path}: expected bytes of '{expected}', got '{name}'")
+        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
+        self._written_in_tensor += len(buf)
+        if self._written_in_tensor > self._sizes[name]:
+            raise ValueError(f"{self.path}: too many bytes for '{name}'")
+        self._file.write(buf)
+        if self._written_in_tensor == self._sizes[name]:
+            self._next += 1
+            self._written_in_tensor = 0
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            missing = self._order[self._next]
+            self._file.close()
+            raise ValueError(f"{self.path}: closed before tensor '{missing}' was written")
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
