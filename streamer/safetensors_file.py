@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CheckpointError
+
 # safetensors dtype code -> bytes per element
 DTYPE_SIZES = {
     "BOOL": 1,
@@ -37,7 +39,7 @@ DTYPE_SIZES = {
 MAX_HEADER_BYTES = 100 << 20
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(CheckpointError):
     """A safetensors file is unreadable, truncated or inconsistent."""
 
 

@@ -1,0 +1,51 @@
+"""The ``streamer`` command line: a click group; each command lives in a ``cli_*`` module.
+
+Commands parse flags, call one library function, and turn the library's exceptions into
+``click.ClickException`` so a user mistake prints one clear line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from . import __version__
+from .errors import StreamerError
+
+
+class _Group(click.Group):
+    """Turns expected errors from any command into a clean message and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StreamerError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="streamer")
+@click.option("-v", "--verbose", is_flag=True, help="Log what streamer is doing (to stderr).")
+def main(verbose: bool) -> None:
+    """Run mixture-of-experts models larger than memory by streaming experts from the SSD.
+
+    \b
+    Typical use:
+      streamer repack mlx-community/Qwen3.5-397B-A17B-4bit   # once: lay out experts for streaming
+      streamer chat mlx-community/Qwen3.5-397B-A17B-4bit     # then chat (or serve, generate, bench)
+
+    With no model, chat uses a small embedded demo checkpoint.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+def _register() -> None:
+    # Each module adds its commands to ``main``; imported here so `streamer --help` lists them all.
+    from . import cli_synthetic  # noqa: F401
+
+
+_register()
