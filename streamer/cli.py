@@ -40,7 +40,9 @@ def main(verbose: bool) -> None:
 
     With no model, chat uses a small embedded demo checkpoint.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
 
 
 def _register() -> None:

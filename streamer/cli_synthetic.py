@@ -15,16 +15,28 @@ _PRESET_HELP = "\n".join(f"  {name:10} {p.description}" for name, p in PRESETS.i
 
 
 @main.command(
-    epilog="\b\nPresets:\n" + _PRESET_HELP + f"\n  {FULL_WIDTH:10} real 397B widths; pick --layers (≈3.6 GB of experts each)"
+    epilog="\b\nPresets:\n"
+    + _PRESET_HELP
+    + f"\n  {FULL_WIDTH:10} real 397B widths; pick --layers (≈3.6 GB of experts each)"
 )
 @click.argument("preset", type=click.Choice([*PRESETS, FULL_WIDTH]), metavar="PRESET")
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
-              help="Float dtype of unquantized tensors and scales (float32 for exact CPU comparisons).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="Float dtype of unquantized tensors and scales (float32 for exact CPU comparisons).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Every weight derives from the seed.")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Override the preset's layer count.")
-@click.option("--shard-gb", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              help="Maximum safetensors shard size.")
+@click.option(
+    "--shard-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Maximum safetensors shard size.",
+)
 def synthetic(preset: str, dst: Path, dtype: str, seed: int, layers: int | None, shard_gb: float) -> None:
     """Write a synthetic Qwen3.5-MoE checkpoint (random weights) to DST.
 
@@ -36,8 +48,10 @@ def synthetic(preset: str, dst: Path, dtype: str, seed: int, layers: int | None,
         raise ConfigError(f"{dst} already exists; choose a new directory or delete it first")
     spec = get_preset(preset, layers)
     total = checkpoint_bytes(spec, dtype)
-    click.echo(f"writing {preset} ({total / 1e9:.2f} GB, {spec.text_config['num_hidden_layers']} layers) to {dst}",
-               err=True)
+    click.echo(
+        f"writing {preset} ({total / 1e9:.2f} GB, {spec.text_config['num_hidden_layers']} layers) to {dst}",
+        err=True,
+    )
     start = time.monotonic()
     with click.progressbar(length=total, label="tensors", file=click.get_text_stream("stderr")) as bar:
         last = [0]
@@ -46,6 +60,8 @@ def synthetic(preset: str, dst: Path, dtype: str, seed: int, layers: int | None,
             bar.update(done - last[0])
             last[0] = done
 
-        generate(dst, spec, dtype=dtype, seed=seed, max_shard_bytes=int(shard_gb * (1 << 30)), progress=progress)
+        generate(
+            dst, spec, dtype=dtype, seed=seed, max_shard_bytes=int(shard_gb * (1 << 30)), progress=progress
+        )
     secs = time.monotonic() - start
     click.echo(f"done in {secs:.1f} s ({total / 1e9 / max(secs, 1e-9):.2f} GB/s)", err=True)

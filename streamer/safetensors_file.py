@@ -109,56 +109,32 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file whose tensors are announced up front and streamed in order.
+    """A pre-sized safetensors file whose tensors are filled in place, in any order and in pieces.
 
-    The layout matches ``mx.save_safetensors``: names sorted, compact JSON header with
-    ``{"format": "mlx"}`` metadata, data packed back to back in header order.
+    The header matches ``mx.save_safetensors``: names sorted, compact JSON, entry keys
+    ``data_offsets, dtype, shape``, ``{"format": "mlx"}`` metadata; data packed in name order. Writing
+    at final offsets lets a generator emit one expert of a stacked tensor at a time.
     """
 
     def __init__(self, path: str | os.PathLike, specs: dict[str, tuple[str, tuple[int, ...]]]):
-        self.path = Path(path)
-        self._order = sorted(specs)
         header: dict = {"__metadata__": {"format": "mlx"}}
         offset = 0
-        self._sizes = {}
-        for name in self._order:
+        self._offsets = {}
+        for name in sorted(specs):
             dtype, shape = specs[name]
             nbytes = tensor_nbytes(dtype, shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._sizes[name] = nbytes
+            header[name] = {"data_offsets": [offset, offset + nbytes], "dtype": dtype, "shape": list(shape)}
+            self._offsets[name] = offset
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
+        self._data_start = 8 + len(raw)
+        self.path = Path(path)
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
-        self._written_in_tensor = 0
+        self._file.truncate(self._data_start + offset)
 
-    def write(self, name: str, data: bytes | memoryview | np.ndarray) -> None:
-        """Appends bytes of ``name``; a tensor may arrive in several pieces, tensors in sorted order."""
-        expected = self._order[self._next]
-        if name != expected:
-            raise ValueError(f"{self.path}: expected bytes of '{expected}', got '{name}'")
-        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
-        self._written_in_tensor += len(buf)
-        if self._written_in_tensor > self._sizes[name]:
-            raise ValueError(f"{self.path}: too many bytes for '{name}'")
-        self._file.write(buf)
-        if self._written_in_tensor == self._sizes[name]:
-            self._next += 1
-            self._written_in_tensor = 0
+    def write(self, name: str, offset_in_tensor: int, data: bytes | memoryview) -> None:
+        os.pwrite(self._file.fileno(), data, self._data_start + self._offsets[name] + offset_in_tensor)
 
     def close(self) -> None:
-        if self._next != len(self._order):
-            missing = self._order[self._next]
-            self._file.close()
-            raise ValueError(f"{self.path}: closed before tensor '{missing}' was written")
         self._file.close()
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._file.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .safetensors_file import tensor_nbytes
+from .safetensors_file import SafetensorsWriter, tensor_nbytes
 from .tokenizer_assets import write_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def _text_config(**overrides) -> dict:
     }
     config.update(overrides)
     n, interval = config["num_hidden_layers"], config["full_attention_interval"]
-    config["layer_types"] = [
-        "linear_attention" if (i + 1) % interval else "full_attention" for i in range(n)
-    ]
+    config["layer_types"] = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n)]
     return config
 
 
@@ -432,30 +430,6 @@ def _assign_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[T
     return shards
 
 
-class _ShardFile:
-    """A pre-sized safetensors file whose tensors are filled in place, in any order."""
-
-    def __init__(self, path: Path, specs: list[TensorSpec]):
-        header: dict = {"__metadata__": {"format": "mlx"}}
-        offset = 0
-        self.offsets = {}
-        for s in specs:  # already sorted by name, as mx.save_safetensors writes them
-            nbytes = tensor_nbytes(s.dtype, s.shape)
-            header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + nbytes]}
-            self.offsets[s.name] = offset
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        self.data_start = 8 + len(raw)
-        self.path = path
-        self.file = open(path, "wb")
-        self.file.write(len(raw).to_bytes(8, "little") + raw)
-        self.file.truncate(self.data_start + offset)
-
-    def write(self, name: str, offset_in_tensor: int, data: memoryview) -> None:
-        self.file.seek(self.data_start + self.offsets[name] + offset_in_tensor)
-        self.file.write(data)
-
-
 def generate(
     dst: str | Path,
     preset: str | Preset = "tiny",
@@ -498,7 +472,9 @@ def generate(
     tmp.mkdir(parents=True)
     n_tokens = write_tokenizer_files(tmp, preset.tokenizer)
     if n_tokens > preset.text_config["vocab_size"]:
-        raise ValueError(f"tokenizer has {n_tokens} tokens but vocab_size is {preset.text_config['vocab_size']}")
+        raise ValueError(
+            f"tokenizer has {n_tokens} tokens but vocab_size is {preset.text_config['vocab_size']}"
+        )
 
     config = make_config(preset, mx_dtype)
     params = plan_params(config["text_config"])
@@ -508,22 +484,22 @@ def generate(
     shards = _assign_shards(all_specs, max_shard_bytes or MAX_SHARD_BYTES)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     files = {}
-    for shard_name, shard in zip(names, shards):
-        f = _ShardFile(tmp / shard_name, shard)
+    for shard_name, shard in zip(names, shards, strict=True):
+        f = SafetensorsWriter(tmp / shard_name, {s.name: (s.dtype, s.shape) for s in shard})
         files.update({s.name: f for s in shard})
 
     total = sum(tensor_nbytes(s.dtype, s.shape) for s in all_specs)
     done = 0
     for p in params:
         for expert, pieces in _stored_pieces(p, quant[p.name], mx_dtype, seed):
-            for spec, data in zip(specs[p.name], pieces):
+            for spec, data in zip(specs[p.name], pieces, strict=True):
                 offset = max(expert, 0) * len(data)
                 files[spec.name].write(spec.name, offset, data)
                 done += len(data)
             if progress:
                 progress(done, total)
     for f in {id(f): f for f in files.values()}.values():
-        f.file.close()
+        f.close()
 
     index = {
         "metadata": {"total_size": total, "total_parameters": _count_parameters(params)},
@@ -534,7 +510,9 @@ def generate(
     (tmp / "config.json").write_text(json.dumps(config, indent=4))
     (tmp / "generation_config.json").write_text(json.dumps(_generation_config(tmp), indent=2))
     (tmp / "synthetic.json").write_text(
-        json.dumps({"preset": preset.name, "seed": seed, "dtype": dtype, "fingerprint": _fingerprint(config, seed)})
+        json.dumps(
+            {"preset": preset.name, "seed": seed, "dtype": dtype, "fingerprint": _fingerprint(config, seed)}
+        )
     )
     tmp.rename(dst)
     return dst
@@ -563,4 +541,3 @@ def checkpoint_bytes(preset: Preset, dtype: str = "bfloat16") -> int:
         for s in tensor_specs(p, quant_params_for(p, preset.recipe), mx_dtype):
             total += tensor_nbytes(s.dtype, s.shape)
     return total
-
