@@ -168,3 +168,23 @@ def test_generate_refuses_existing_dst(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(FileExistsError):
         generate(tmp_path / "x", "tiny")
+
+
+def test_codes_mode_gives_a_sane_model(tmp_path):
+    """Full-width checkpoints draw quantized codes directly: same layout, weight std near 1/sqrt(in)."""
+    import dataclasses
+
+    preset = dataclasses.replace(get_preset("like-35b"), values="codes")
+    ckpt = generate(tmp_path / "codes", preset, dtype="float32")
+    tensors, _ = _load_all(ckpt)
+    ref = generate(tmp_path / "float", "like-35b", dtype="float32")
+    ref_tensors, _ = _load_all(ref)
+    assert {k: (v.dtype, v.shape) for k, v in tensors.items()} == {
+        k: (v.dtype, v.shape) for k, v in ref_tensors.items()
+    }
+    base = "language_model.model.layers.1.mlp.switch_mlp.up_proj"
+    w = mx.dequantize(tensors[f"{base}.weight"], tensors[f"{base}.scales"], tensors[f"{base}.biases"])
+    assert abs(np.std(np.array(w)) * np.sqrt(w.shape[-1]) - 1.0) < 0.1
+    assert abs(float(np.mean(np.array(w)))) < 0.01
+    model, tokenizer = mlx_lm.load(str(ckpt))
+    assert np.isfinite(np.array(model(mx.array([[1, 2, 3]])))).all()
