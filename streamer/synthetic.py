@@ -167,6 +167,23 @@ PRESETS: dict[str, Preset] = {
             recipe=_mixed_recipe,
         ),
         Preset(
+            "demo",
+            "the embedded default: real Qwen3.5 vocabulary, 8 layers, 64 experts top-8",
+            _text_config(
+                hidden_size=256,
+                num_hidden_layers=8,
+                head_dim=64,
+                vocab_size=248320,
+                linear_key_head_dim=64,
+                linear_value_head_dim=64,
+                num_experts=64,
+                num_experts_per_tok=8,
+                moe_intermediate_size=128,
+                shared_expert_intermediate_size=256,
+            ),
+            tokenizer="qwen3_5",
+        ),
+        Preset(
             "q8",
             "8-bit everything, 64 experts top-8",
             _text_config(num_experts=64, num_experts_per_tok=8),
