@@ -1,0 +1,526 @@
+"""`streamer repack`: plan, copy, verify and resume the packed layout (formats/PACKED.md) of a checkpoint.
+
+A run is a sequence of steps — resident tensors, then each expert layer, then small files and the
+manifest. Each step writes a ``.partial`` file, re-reads and checks it, renames it, and records itself
+in ``repack-progress.json``. Output bytes depend only on the source, so a run resumed after any
+interruption (kill -9 included) ends byte-identical to an uninterrupted one. Memory stays bounded:
+bytes move through two reusable group buffers of at most ``GROUP_BYTES``.
+
+Names: E = experts in a layer, B = block bytes, n = experts per read group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import KINDS, PROJECTIONS, Checkpoint, load_checkpoint
+from .errors import CheckpointError, PackedFormatError, StreamerError
+from .packed import (
+    CHUNK_BYTES,
+    EXPERTS_DIR,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    PROGRESS_FILE,
+    RESIDENT_FILE,
+    Component,
+    LayerEntry,
+    Manifest,
+    crc32_file,
+    fsync_dir,
+    make_layer_entry,
+    pack_layer_header,
+    read_into,
+    verify_layer_file,
+    verify_resident_file,
+    write_all,
+    write_atomic,
+)
+from .paths import default_packed_dir, resolve_source
+from .safetensors_file import TensorInfo
+
+log = logging.getLogger(__name__)
+
+GROUP_BYTES = 64 << 20  # one read/write group; two are in flight (read ahead while writing)
+MAX_GROUP_EXPERTS = 256  # keeps preadv under IOV_MAX
+LOCK_FILE = ".repack.lock"
+SPACE_SLACK_BYTES = 64 << 20  # manifest, journal, filesystem overhead
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, total bytes)
+
+
+class DestinationError(StreamerError):
+    """DST cannot take this repack: it holds another model, is not a packed dir, or the disk is full."""
+
+
+@dataclass(frozen=True)
+class RepackPlan:
+    """What repack will write, computed from headers alone (``--dry-run`` prints it)."""
+
+    checkpoint: Checkpoint
+    source_name: str
+    fingerprint: str
+    dst: Path
+    resident: tuple[TensorInfo, ...]  # sorted by name, as they appear in resident.safetensors
+    resident_header: bytes
+    layers: tuple[LayerEntry, ...]  # without checksums
+    sources: tuple[tuple[TensorInfo, ...], ...]  # per layer, the stacked source tensor of each component
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self.resident_header) + sum(t.nbytes for t in self.resident)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(e.file_bytes for e in self.layers)
+
+    @property
+    def files_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.checkpoint.extra_files)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.expert_bytes
+
+    def source_record(self) -> dict:
+        ckpt = self.checkpoint
+        return {
+            "name": self.source_name,
+            "config_sha256": ckpt.config_sha256,
+            "fingerprint": self.fingerprint,
+        }
+
+    def plan_sha256(self) -> str:
+        layers = [
+            [e.layer, e.num_experts, e.block_bytes, [c.to_json() for c in e.components]] for e in self.layers
+        ]
+        doc = json.dumps([FORMAT_VERSION, self.resident_header.hex(), layers], sort_keys=True)
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def make_plan(source: str | os.PathLike, dst: str | os.PathLike | None = None) -> RepackPlan:
+    """Resolves and validates the source, and lays out the packed model.
+
+    Args:
+        source: checkpoint directory or hub id in the local Hugging Face cache.
+        dst: output directory; defaults to ``paths.default_packed_dir(source)``.
+
+    Raises:
+        CheckpointError: when the source is missing, incomplete or not a supported checkpoint.
+    """
+    path, name = resolve_source(source)
+    ckpt = load_checkpoint(path)
+    layers, sources = [], []
+    for i, E in enumerate(ckpt.num_experts):
+        comps, srcs = [], []
+        for proj_name in PROJECTIONS:
+            proj = ckpt.experts[i][proj_name]
+            q = proj.quant
+            for kind in KINDS:
+                t = proj.tensors.get(kind)
+                if t is None:
+                    continue
+                bits, gs, mode = (q.bits, q.group_size, q.mode) if q else (None, None, None)
+                comps.append(
+                    Component(
+                        f"{proj_name}.{kind}", t.name, t.dtype, t.shape[1:], 0, t.nbytes // E, bits, gs, mode
+                    )
+                )
+                srcs.append(t)
+        layers.append(make_layer_entry(i, E, comps))
+        sources.append(tuple(srcs))
+    resident = tuple(ckpt.resident_tensors())
+    return RepackPlan(
+        checkpoint=ckpt,
+        source_name=name,
+        fingerprint=ckpt.fingerprint(),
+        dst=Path(dst).expanduser() if dst is not None else default_packed_dir(source),
+        resident=resident,
+        resident_header=_resident_header(resident),
+        layers=tuple(layers),
+        sources=tuple(sources),
+    )
+
+
+def _resident_header(tensors: tuple[TensorInfo, ...]) -> bytes:
+    """A safetensors header as mx.save_safetensors writes it, space-padded to 8 bytes like the reference."""
+    header: dict = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# ----------------------------------------------------------------------------------------------------
+# The progress journal and what DST already holds.
+
+
+@dataclass
+class Journal:
+    """``repack-progress.json``: which steps are complete, with their checksums (for the final manifest)."""
+
+    source: dict
+    plan_sha256: str
+    resident_crc32: dict[str, int] | None = None
+    layers: dict[int, tuple[tuple[int, ...], ...]] = dataclasses.field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "source": self.source,
+            "plan_sha256": self.plan_sha256,
+            "resident_crc32": None
+            if self.resident_crc32 is None
+            else {k: f"{v:08x}" for k, v in self.resident_crc32.items()},
+            "layers": {
+                str(i): [" ".join(f"{c:08x}" for c in row) for row in rows] for i, rows in self.layers.items()
+            },
+        }
+        return json.dumps(doc, indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, path: Path) -> Journal:
+        try:
+            doc = json.loads(raw)
+            res = doc["resident_crc32"]
+            return cls(
+                source=doc["source"],
+                plan_sha256=doc["plan_sha256"],
+                resident_crc32=None if res is None else {k: int(v, 16) for k, v in res.items()},
+                layers={
+                    int(i): tuple(tuple(int(x, 16) for x in row.split()) for row in rows)
+                    for i, rows in doc["layers"].items()
+                },
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PackedFormatError(
+                f"{path}: unreadable progress journal ({e!r}); delete the directory and re-run"
+            ) from None
+
+
+def _same_source(recorded: dict, plan: RepackPlan) -> bool:
+    mine = plan.source_record()
+    return all(recorded.get(k) == mine[k] for k in ("config_sha256", "fingerprint"))
+
+
+def inspect_destination(plan: RepackPlan) -> tuple[str, Journal | None]:
+    """What DST holds: ("new", None), ("resume", journal) or ("complete", None).
+
+    Raises:
+        DestinationError: when DST holds another model or something that is not a packed model.
+    """
+    dst = plan.dst
+    if not dst.exists() or (dst.is_dir() and not any(p.name != LOCK_FILE for p in dst.iterdir())):
+        return "new", None
+    if not dst.is_dir():
+        raise DestinationError(f"{dst} exists and is not a directory")
+    other = f"{dst} holds a packed copy of another checkpoint ({{}}); choose another destination or delete it"
+    if (dst / MANIFEST_FILE).is_file():
+        manifest = Manifest.from_json_bytes((dst / MANIFEST_FILE).read_bytes(), dst / MANIFEST_FILE)
+        if not _same_source(manifest.source, plan):
+            raise DestinationError(other.format(manifest.source.get("name")))
+        return "complete", None
+    if (dst / PROGRESS_FILE).is_file():
+        journal = Journal.from_bytes((dst / PROGRESS_FILE).read_bytes(), dst / PROGRESS_FILE)
+        if not _same_source(journal.source, plan):
+            raise DestinationError(other.format(f"an interrupted repack of {journal.source.get('name')}"))
+        if journal.plan_sha256 != plan.plan_sha256():
+            log.warning(
+                "%s: layout changed since the interrupted run (other streamer version?): starting over", dst
+            )
+            return "resume", Journal(journal.source, plan.plan_sha256())
+        return "resume", journal
+    raise DestinationError(f"{dst} exists and is not a streamer packed model; refusing to write into it")
+
+
+def _drop_incomplete(plan: RepackPlan, journal: Journal) -> int:
+    """Forgets steps whose files are gone or altered; returns the bytes of the steps that stay done."""
+    dst, done = plan.dst, 0
+    if journal.resident_crc32 is not None:
+        if _starts_with(dst / RESIDENT_FILE, plan.resident_bytes, plan.resident_header):
+            done += plan.resident_bytes
+        else:
+            journal.resident_crc32 = None
+    for i in list(journal.layers):
+        entry = plan.layers[i] if i < len(plan.layers) else None
+        if entry is not None and _starts_with(dst / entry.file, entry.file_bytes, pack_layer_header(entry)):
+            done += entry.file_bytes
+        else:
+            del journal.layers[i]
+    return done
+
+
+def _starts_with(file: Path, size: int, head: bytes) -> bool:
+    if not file.is_file() or file.stat().st_size != size:
+        return False
+    with open(file, "rb") as f:
+        return f.read(len(head)) == head
+
+
+def _check_space(plan: RepackPlan, needed: int) -> None:
+    probe = plan.dst
+    while not probe.exists():
+        probe = probe.parent
+    # .partial files are truncated before being rewritten: their space comes back.
+    reclaim = sum(p.stat().st_size for p in plan.dst.rglob("*.partial")) if plan.dst.is_dir() else 0
+    free = shutil.disk_usage(probe).free + reclaim
+    if free < needed + SPACE_SLACK_BYTES:
+        raise DestinationError(
+            f"not enough free space for {plan.dst}: need {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free; "
+            "free some space or pass another destination"
+        )
+
+
+@contextmanager
+def _locked(dst: Path):
+    fd = os.open(dst / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DestinationError(f"{dst}: another streamer repack is writing here") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Copying.
+
+
+class _Sources:
+    """Open source shards; reads fail with the tensor's name when a shard is shorter than its header says."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, t: TensorInfo, start: int, views: list[memoryview]) -> None:
+        """Fills ``views`` with ``t``'s bytes from ``start`` (relative to the tensor) on."""
+        if t.path not in self._fds:
+            self._fds[t.path] = os.open(t.path, os.O_RDONLY)
+        want = sum(len(v) for v in views)
+        if read_into(self._fds[t.path], views, t.offset + start) != want:
+            raise CheckpointError(
+                f"{t.path}: tensor '{t.name}' ends early (shard truncated or being rewritten?)"
+            )
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class RepackResult:
+    dst: Path
+    status: str  # "packed", "resumed" or "already packed"
+    bytes_written: int
+    seconds: float
+
+
+class _Progress:
+    def __init__(self, total: int, done: int, fn: ProgressFn | None):
+        self.total, self.done, self.fn = total, done, fn
+        self.written = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.written += n
+        if self.fn:
+            self.fn(self.done, self.total)
+
+
+def run_repack(
+    plan: RepackPlan,
+    *,
+    progress: ProgressFn | None = None,
+    after_layer: Callable[[int], None] | None = None,
+) -> RepackResult:
+    """Writes (or finishes writing) the packed model that ``plan`` describes.
+
+    Args:
+        plan: from ``make_plan``.
+        progress: called with (bytes done, total bytes) as data is written.
+        after_layer: called with the layer index once that layer is committed (tests interrupt here).
+
+    Returns:
+        Where and what was done; an already complete destination is left untouched.
+
+    Raises:
+        CheckpointError: the source changed or is truncated. DestinationError: DST holds something
+            else, or the disk is (or would be) full. Nothing written ever looks complete.
+    """
+    start = time.monotonic()
+    plan.dst.mkdir(parents=True, exist_ok=True)
+    with _locked(plan.dst):
+        status, journal = inspect_destination(plan)
+        if status == "complete":
+            return RepackResult(plan.dst, "already packed", 0, 0.0)
+        journal = journal or Journal(plan.source_record(), plan.plan_sha256())
+        done = _drop_incomplete(plan, journal)
+        _check_space(plan, plan.total_bytes + plan.files_bytes - done)
+        write_atomic(plan.dst / PROGRESS_FILE, journal.to_bytes())
+        report = _Progress(plan.total_bytes, done, progress)
+        sources = _Sources()
+        try:
+            _write_all_steps(plan, journal, sources, report, after_layer)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DestinationError(
+                    f"disk full while writing {plan.dst}: free some space and run the same command again to resume"
+                ) from None
+            raise
+        finally:
+            sources.close()
+    (plan.dst / LOCK_FILE).unlink(missing_ok=True)
+    status = "resumed" if done else "packed"
+    return RepackResult(plan.dst, status, report.written, time.monotonic() - start)
+
+
+def _write_all_steps(
+    plan: RepackPlan, journal: Journal, sources: _Sources, report: _Progress, after_layer
+) -> None:
+    dst = plan.dst
+    (dst / EXPERTS_DIR).mkdir(exist_ok=True)
+    if journal.resident_crc32 is None:
+        journal.resident_crc32 = _write_resident(plan, sources, report)
+        write_atomic(dst / PROGRESS_FILE, journal.to_bytes())
+    for entry, srcs in zip(plan.layers, plan.sources, strict=True):
+        if entry.layer in journal.layers:
+            continue
+        journal.layers[entry.layer] = _write_layer(dst, entry, srcs, sources, report)
+        write_atomic(dst / PROGRESS_FILE, journal.to_bytes())
+        if after_layer:
+            after_layer(entry.layer)
+    files = _copy_files(plan)
+    manifest = Manifest(
+        model_type=plan.checkpoint.model_type,
+        source=journal.source,
+        resident_bytes=plan.resident_bytes,
+        resident_crc32=journal.resident_crc32,
+        layers=tuple(dataclasses.replace(e, crc32=journal.layers[e.layer]) for e in plan.layers),
+        files=files,
+    )
+    write_atomic(dst / MANIFEST_FILE, manifest.to_json_bytes())  # the step that makes DST complete
+    (dst / PROGRESS_FILE).unlink()
+    for stale in [*dst.glob("*.partial"), *dst.glob("*.tmp"), *(dst / EXPERTS_DIR).glob("*.partial")]:
+        stale.unlink()
+    fsync_dir(dst)
+
+
+def _write_resident(plan: RepackPlan, sources: _Sources, report: _Progress) -> dict[str, int]:
+    """Copies every non-expert tensor into resident.safetensors in bounded chunks; returns CRC-32s."""
+    part = plan.dst / (RESIDENT_FILE + ".partial")
+    buf = memoryview(bytearray(min(CHUNK_BYTES, max((t.nbytes for t in plan.resident), default=1))))
+    crcs = {}
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, memoryview(plan.resident_header), 0)
+        pos = len(plan.resident_header)
+        report(pos)
+        for t in plan.resident:
+            crc = 0
+            for start in range(0, t.nbytes, len(buf)):
+                chunk = buf[: min(len(buf), t.nbytes - start)]
+                sources.read(t, start, [chunk])
+                crc = zlib.crc32(chunk, crc)
+                write_all(fd, chunk, pos)
+                pos += len(chunk)
+                report(len(chunk))
+            crcs[t.name] = crc
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    verify_resident_file(part, plan.resident_bytes, crcs)
+    os.replace(part, plan.dst / RESIDENT_FILE)
+    fsync_dir(plan.dst)
+    return crcs
+
+
+def _write_layer(
+    dst: Path, entry: LayerEntry, srcs: tuple[TensorInfo, ...], sources: _Sources, report: _Progress
+) -> tuple[tuple[int, ...], ...]:
+    """Writes one layer file: header, then blocks assembled group by group (the next group is read while
+    this one is checksummed and written). Verifies the file, then renames it into place."""
+    B, E = entry.block_bytes, entry.num_experts
+    per = max(1, min(GROUP_BYTES // B, MAX_GROUP_EXPERTS, E))
+    bufs = [bytearray(per * B), bytearray(per * B)]  # zeroed once: only component bytes are ever written
+    groups = [(e0, min(per, E - e0)) for e0 in range(0, E, per)]
+    part = dst / (entry.file + ".partial")
+    crcs: list[tuple[int, ...]] = []
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, memoryview(pack_layer_header(entry)), 0)
+        report(entry.data_offset)
+        with ThreadPoolExecutor(1, thread_name_prefix="repack-read") as pool:
+            pending = pool.submit(_read_group, sources, entry, srcs, bufs[0], *groups[0])
+            for k, (e0, n) in enumerate(groups):
+                mv = memoryview(pending.result())
+                if k + 1 < len(groups):
+                    pending = pool.submit(
+                        _read_group, sources, entry, srcs, bufs[(k + 1) % 2], *groups[k + 1]
+                    )
+                for j in range(n):
+                    base = j * B
+                    crcs.append(
+                        tuple(
+                            zlib.crc32(mv[base + c.offset : base + c.offset + c.nbytes])
+                            for c in entry.components
+                        )
+                    )
+                write_all(fd, mv[: n * B], entry.block_offset(e0))
+                report(n * B)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    verify_layer_file(part, dataclasses.replace(entry, crc32=tuple(crcs)))
+    os.replace(part, dst / entry.file)
+    fsync_dir(dst / EXPERTS_DIR)
+    return tuple(crcs)
+
+
+def _read_group(
+    sources: _Sources, entry: LayerEntry, srcs: tuple[TensorInfo, ...], buf: bytearray, e0: int, n: int
+) -> bytearray:
+    """Scatters experts e0..e0+n-1 of every component straight into their block slots (one preadv each)."""
+    mv, B = memoryview(buf), entry.block_bytes
+    for c, t in zip(entry.components, srcs, strict=True):
+        views = [mv[j * B + c.offset : j * B + c.offset + c.nbytes] for j in range(n)]  # n × [nbytes]
+        sources.read(t, e0 * c.nbytes, views)
+    return buf
+
+
+def _copy_files(plan: RepackPlan) -> dict[str, dict]:
+    """Copies config, tokenizer and template files; returns their sizes and CRC-32s."""
+    out = {}
+    for src in plan.checkpoint.extra_files:
+        part = plan.dst / (src.name + ".partial")
+        shutil.copyfile(src, part)
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
+        crc = crc32_file(part)
+        if crc != crc32_file(src):
+            raise CheckpointError(f"{src}: changed while being copied")
+        out[src.name] = {"bytes": part.stat().st_size, "crc32": crc}
+        os.replace(part, plan.dst / src.name)
+    fsync_dir(plan.dst)
+    return out
