@@ -202,8 +202,10 @@ class QuantSpec:
             quant = Quant(packed * 32 // in_dims, in_dims // groups, self.mode)
         else:
             quant = self._infer(module_path, packed, groups)
-        if packed * 32 != quant.bits * quant.group_size * groups or (
-            in_dims is not None and in_dims != quant.group_size * groups
+        if (
+            quant.bits not in SUPPORTED_BITS
+            or packed * 32 != quant.bits * quant.group_size * groups
+            or (in_dims is not None and in_dims != quant.group_size * groups)
         ):
             raise CheckpointError(
                 f"{module_path}: stored weight [..., {packed}] and scales [..., {groups}] do not fit "

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelArgs
+from ..errors import ConfigError
 from . import gated_delta
 from .cache import DeltaNetCache, KVCache, LayerCache
 from .experts import Experts, ResidentExperts
@@ -25,6 +26,7 @@ from .layers import RMSNormGated, SwiGLUMLP
 # How DeltaNet layers run a multi-token call: "chunked" (matrix form, fast prefill) or
 # "recurrent" (token by token, the exact mlx-lm CPU order). Single tokens always run recurrent.
 DeltaRule = Literal["chunked", "recurrent"]
+DELTA_RULES = ("chunked", "recurrent")
 
 
 class GatedDeltaNet(nn.Module):
@@ -209,6 +211,8 @@ class Model(nn.Module):
 
     def __init__(self, args: ModelArgs, dtype: mx.Dtype = mx.float32, delta_rule: DeltaRule = "chunked"):
         super().__init__()
+        if delta_rule not in DELTA_RULES:
+            raise ConfigError(f"delta_rule {delta_rule!r} is not one of {', '.join(DELTA_RULES)}")
         self.args = args
         self.dtype = dtype
         self.language_model = LanguageModel(args, delta_rule)
