@@ -47,6 +47,7 @@ def main(verbose: bool) -> None:
 
 def _register() -> None:
     # Each module adds its commands to ``main``; imported here so `streamer --help` lists them all.
+    from . import cli_repack  # noqa: F401
     from . import cli_synthetic  # noqa: F401
 
 
