@@ -106,17 +106,18 @@ def test_bf16_checkpoint_loads_and_runs(checkpoint):
         logits = model(_prompt(args.vocab_size, 8))
         assert logits.dtype == (mx.float32 if dtype is None else mx.bfloat16)  # CPU default: f32
         assert mx.all(mx.isfinite(logits)).item()
-    # f32 activations over bf16 weights agree with mlx-lm's bf16 run to bf16 precision.
-    prompt = _prompt(args.vocab_size, 8)
-    ours, _ = load_model(path)
-    assert _max_diff(ours(prompt), _reference(path)(prompt)) < 0.5
+    # With bf16 activations we run what mlx-lm runs; allow a few bf16 ulps of logits of size ~5.
+    # (f32 activations over the same weights differ from mlx-lm's bf16 run by ~1: bf16 drift.)
+    prompt = _prompt(args.vocab_size, 32)
+    ours, _ = load_model(path, dtype="bfloat16")
+    assert _max_diff(ours(prompt), _reference(path)(prompt)) < 0.1
 
 
 # ----------------------------------------------------------------------------------------------------
 # Our own paths agree with each other.
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mixed"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_cache_matches_no_cache(checkpoint, preset):
     # Every preset has 3 DeltaNet layers and 1 attention layer: both cache kinds are exercised,
     # including multi-token calls that continue from a non-empty cache (chunked rule with a state,
