@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ class _Bar:
         self._bar = click.progressbar(
             length=total,
             label=label,
-            file=click.get_text_stream("stderr"),
+            file=sys.stderr,
             item_show_func=lambda text: text,
         )
         self._start, self._shown, self._first = time.monotonic(), 0, None
@@ -96,7 +97,8 @@ def describe_plan(plan: RepackPlan) -> str:
         f"experts   {len(plan.layers)} layers, {_size(plan.expert_bytes)}  -> experts/layer_NNN.bin",
         *layer_summaries(plan.layers),
         f"files     {', '.join(p.name for p in ckpt.extra_files)}",
-        f"total     {_size(plan.total_bytes + plan.files_bytes)}; {_size(shutil.disk_usage(probe).free)} free",
+        f"total     {_size(plan.total_bytes + plan.files_bytes)}; "
+        f"{_size(shutil.disk_usage(probe).free)} free",
     ]
     return "\n".join(lines)
 

@@ -331,7 +331,7 @@ def check_layer_header(raw: bytes, entry: LayerEntry, path: Path) -> None:
 
 
 def read_into(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
-    """Fills ``bufs`` (byte memoryviews) from ``fd`` at ``offset`` in order; returns bytes read (< total at EOF)."""
+    """Fills byte memoryviews ``bufs`` in order from ``fd`` at ``offset``; returns bytes read."""
     pending = [b for b in bufs if len(b)]
     total = 0
     while pending:
@@ -454,7 +454,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not manifest_path.is_file():
         if (path / PROGRESS_FILE).is_file():
             raise PackedFormatError(
-                f"{path}: repack is incomplete (interrupted?): run the same streamer repack command again to resume"
+                f"{path}: repack is incomplete (interrupted?): "
+                "run the same streamer repack command again to resume"
             )
         raise PackedFormatError(f"{path}: not a packed model (no {MANIFEST_FILE}); run streamer repack first")
     return Manifest.from_json_bytes(manifest_path.read_bytes(), manifest_path)

@@ -386,14 +386,15 @@ def run_repack(
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DestinationError(
-                    f"disk full while writing {plan.dst}: free some space and run the same command again to resume"
+                    f"disk full while writing {plan.dst}: "
+                    "free some space and run the same command again to resume"
                 ) from None
             raise
         finally:
             sources.close()
     (plan.dst / LOCK_FILE).unlink(missing_ok=True)
-    status = "resumed" if done else "packed"
-    return RepackResult(plan.dst, status, report.written, time.monotonic() - start)
+    outcome = "resumed" if status == "resume" else "packed"
+    return RepackResult(plan.dst, outcome, report.written, time.monotonic() - start)
 
 
 def _write_all_steps(
