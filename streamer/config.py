@@ -225,3 +225,73 @@ class QuantSpec:
             f"{module_path}: cannot infer quantization from weight [..., {packed}] and scales "
             f"[..., {groups}]; add an entry for it to config.json's quantization dict"
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runtime knobs: every CLI flag lands here 1:1, converted in one place.
+
+IO_MODES = ("buffered", "direct")
+PREFETCH_MODES = ("off", "parallel", "predict")
+# Memory left to the OS, the page cache's working set and activations when the budget is derived.
+HEADROOM_BYTES = 4 << 30
+# The fraction of RAM streamer allows itself when no budget is given.
+RAM_SHARE = 0.75
+
+
+@dataclass
+class RuntimeConfig:
+    """How to run a model: expert cache size, I/O, prefetch, threads, compute dtype.
+
+    ``cache_bytes`` (``--cache-gb``) and ``cache_experts`` (``--cache-experts``) are alternatives;
+    with neither, ``default_cache_bytes`` derives the budget from the machine's RAM.
+    """
+
+    cache_bytes: int | None = None
+    cache_experts: int | None = None
+    io_mode: str = "buffered"
+    prefetch: str = "parallel"
+    threads: int = 8
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
+    io_timeout_s: float = 60.0
+
+    def __post_init__(self):
+        if self.cache_bytes is not None and self.cache_experts is not None:
+            raise ConfigError("give --cache-gb or --cache-experts, not both")
+        if self.cache_bytes is not None and self.cache_bytes <= 0:
+            raise ConfigError(f"--cache-gb must be positive, got {self.cache_bytes / 1e9:g}")
+        if self.cache_experts is not None and self.cache_experts <= 0:
+            raise ConfigError(f"--cache-experts must be positive, got {self.cache_experts}")
+        if self.io_mode not in IO_MODES:
+            raise ConfigError(f"--io must be one of {', '.join(IO_MODES)}, got {self.io_mode!r}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ConfigError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.io_timeout_s <= 0:
+            raise ConfigError(f"io timeout must be positive, got {self.io_timeout_s}")
+
+
+def total_ram_bytes() -> int:
+    """Physical memory of this machine (cgroup limits included on Linux)."""
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            ram = min(ram, int(text))
+    return ram
+
+
+def default_cache_bytes(resident_bytes: int, expert_bytes: int, ram_bytes: int | None = None) -> int:
+    """The expert cache budget when the user gives none.
+
+    ``RAM × 0.75 − resident weights − 4 GB headroom`` (KV cache, DeltaNet state, activations, the OS),
+    never more than all experts. The caller raises it to the minimum (one layer's top-k) if needed.
+    """
+    ram = total_ram_bytes() if ram_bytes is None else ram_bytes
+    return max(0, min(expert_bytes, int(ram * RAM_SHARE) - resident_bytes - HEADROOM_BYTES))

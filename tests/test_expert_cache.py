@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from streamer.errors import ConfigError
 from streamer.experts.cache import CacheFullError, ExpertCache, block_shape, plan_slots
 from streamer.experts.prefetch import Prefetcher
 
@@ -41,7 +42,7 @@ def test_plan_slots_splits_budget_by_expert_bytes():
     assert plan == {small: 10, big: 20}
     # Capped at the number of experts; floored at min_slots.
     assert plan_slots({0: small}, {0: 5}, 100 * small.nbytes, 2) == {small: 5}
-    with pytest.raises(ValueError, match="top-4"):
+    with pytest.raises(ConfigError, match="top-4"):
         plan_slots({0: small}, {0: 5}, 3 * small.nbytes, 4)
 
 

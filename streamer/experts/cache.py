@@ -25,6 +25,8 @@ import cachetools
 import mlx.core as mx
 import numpy as np
 
+from ..errors import ConfigError
+
 # Storage dtype per safetensors dtype: slots are written as raw integers of the same width and read
 # through ``.view`` as the real dtype (numpy cannot address bfloat16 memory directly).
 _STORAGE = {
@@ -208,6 +210,11 @@ class ExpertCache:
     def pinned_count(self) -> int:
         return len(self._pins)
 
+    def pinned_count_in(self, layer: int) -> int:
+        """Pinned slots in the pool that serves ``layer``."""
+        shape = self._pool_of_layer[layer]
+        return sum(1 for (s, _) in self._pins if s == shape)
+
     def resident_experts(self, layer: int) -> list[int]:
         state = self._pools[self._pool_of_layer[layer]]
         return sorted(e for (l, e) in state.lru if l == layer)
@@ -222,7 +229,7 @@ def plan_slots(
     """Slots per pool: the budget split in proportion to each pool's expert bytes, capped at its experts.
 
     Raises:
-        ValueError: the budget cannot give every pool ``min_slots`` slots.
+        ConfigError: the budget cannot give every pool ``min_slots`` slots.
     """
     experts_per_shape: Counter = Counter()
     for layer, shape in layer_shapes.items():
@@ -230,9 +237,9 @@ def plan_slots(
     total_bytes = sum(s.nbytes * n for s, n in experts_per_shape.items())
     need = sum(s.nbytes * min(min_slots, n) for s, n in experts_per_shape.items())
     if budget_bytes < need:
-        raise ValueError(
-            f"an expert cache of {budget_bytes / 1e9:.3f} GB cannot hold one layer's top-{min_slots} experts "
-            f"({need / 1e9:.3f} GB needed); raise --cache-gb"
+        raise ConfigError(
+            f"an expert cache of {budget_bytes / 1e6:.1f} MB cannot hold one layer's top-{min_slots} experts "
+            f"({need / 1e6:.1f} MB needed); raise --cache-gb or --cache-experts"
         )
     plan = {}
     for shape, n in experts_per_shape.items():

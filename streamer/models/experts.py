@@ -97,17 +97,31 @@ class ResidentExperts(nn.Module):
         self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, H]: one row per expert matmul
-        do_sort = indices.size >= SORT_MIN_PAIRS
-        idx, inv_order = indices, None
-        if do_sort:
-            x, idx, inv_order = sort_by_expert(x, indices)
-        up = self.up_proj(x, idx, sorted_indices=do_sort)
-        gate = self.gate_proj(x, idx, sorted_indices=do_sort)
-        y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort)
-        if do_sort:
-            y = mx.unflatten(y[inv_order], 0, indices.shape)  # [..., K, 1, H]
-        return y.squeeze(-2)
+        return switch_glu(x, indices, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def switch_glu(x: mx.array, indices: mx.array, gate_proj, up_proj, down_proj) -> mx.array:
+    """down(silu(gate(x)) * up(x)) for each of the K experts of each token, as mlx-lm's SwitchGLU.
+
+    Args:
+        x: [..., H] tokens.
+        indices: [..., K] ids into the projections' leading axis (expert ids, or cache slot ids).
+        gate_proj, up_proj, down_proj: callables ``(x, indices, sorted_indices) -> y``.
+
+    Returns:
+        [..., K, H] per-expert outputs, in ``indices`` order.
+    """
+    x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, H]: one row per expert matmul
+    do_sort = indices.size >= SORT_MIN_PAIRS
+    idx, inv_order = indices, None
+    if do_sort:
+        x, idx, inv_order = sort_by_expert(x, indices)
+    up = up_proj(x, idx, sorted_indices=do_sort)
+    gate = gate_proj(x, idx, sorted_indices=do_sort)
+    y = down_proj(swiglu(gate, up), idx, sorted_indices=do_sort)
+    if do_sort:
+        y = mx.unflatten(y[inv_order], 0, indices.shape)  # [..., K, 1, H]
+    return y.squeeze(-2)
 
 
 def sort_by_expert(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.array]:

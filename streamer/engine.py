@@ -1,0 +1,124 @@
+"""Load a model ready to generate: a packed model with streamed experts, or a checkpoint held resident.
+
+``Engine`` bundles what every front end (generate, chat, serve, bench) needs: the model, its tokenizer,
+the expert runtime (None when resident) and a ``stats()`` snapshot for telemetry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import ModelArgs, QuantSpec, RuntimeConfig, default_cache_bytes
+from .errors import CheckpointError
+from .experts.streamed import ExpertRuntime, StreamedExperts, block_shape_of
+from .models.load import _resolve_dtype, assign_weights, load_model, quantize_modules
+from .models.qwen3_5_moe import Model
+from .packed import MANIFEST_FILE, open_packed
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    model: Model
+    args: ModelArgs
+    tokenizer: Tokenizer
+    path: Path
+    runtime: ExpertRuntime | None = None
+
+    def stats(self) -> dict:
+        return self.runtime.snapshot_stats() if self.runtime else {}
+
+    def close(self) -> None:
+        if self.runtime:
+            self.runtime.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_packed(path: Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def load_engine(path: str | Path, config: RuntimeConfig | None = None, *, resident: bool = False) -> Engine:
+    """Loads a packed model (streamed experts) or, with ``resident``, a source checkpoint fully in memory.
+
+    Raises:
+        CheckpointError: a source checkpoint given without ``resident`` (it must be repacked first).
+    """
+    path = Path(path)
+    config = config or RuntimeConfig()
+    if is_packed(path):
+        return load_streamed(path, config)
+    if not resident:
+        raise CheckpointError(
+            f"{path} is a checkpoint, not a packed model: run `streamer repack {path}` first "
+            "(or pass --resident to hold every expert in memory)"
+        )
+    model, args = load_model(path, config.dtype)
+    return Engine(model, args, Tokenizer(path), path)
+
+
+def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
+    """Builds the model from a packed directory: resident weights loaded, experts behind the cache."""
+    packed = open_packed(path)
+    raw_config = json.loads((path / "config.json").read_text())
+    args = ModelArgs.from_dict(raw_config)
+    model = Model(args, dtype=_resolve_dtype(config.dtype))
+    runtime = ExpertRuntime(
+        packed,
+        cache_bytes=_cache_budget(packed, args, config),
+        min_slots=args.num_experts_per_tok,
+        io_mode=config.io_mode,
+        threads=config.threads,
+        io_timeout_s=config.io_timeout_s,
+    )
+    try:
+        for i, layer in enumerate(model.layers):
+            layer.mlp.replace_experts(StreamedExperts(runtime, i))
+        weights = packed.load_resident()
+        spec = QuantSpec.from_config(raw_config, {n: tuple(w.shape) for n, w in weights.items()})
+        quantize_modules(model, spec)
+        assign_weights(model, weights, model.dtype, source=path)
+        mx.eval(model.parameters())
+    except BaseException:
+        runtime.close()
+        raise
+    log.info(
+        "expert cache: %.2f GB of %.2f GB experts",
+        runtime.cache.capacity_bytes / 1e9,
+        packed.manifest.expert_bytes / 1e9,
+    )
+    return Engine(model, args, Tokenizer(path), path, runtime)
+
+
+def _cache_budget(packed, args: ModelArgs, config: RuntimeConfig) -> int:
+    """Bytes for expert slots from --cache-gb, --cache-experts or the RAM-derived default."""
+    layers = packed.manifest.layers
+    if config.cache_bytes is not None:
+        return config.cache_bytes
+    slot_bytes = [block_shape_of(e).nbytes for e in layers]
+    if config.cache_experts is not None:
+        mean = sum(b * e.num_experts for b, e in zip(slot_bytes, layers, strict=True)) / sum(
+            e.num_experts for e in layers
+        )
+        return int(config.cache_experts * mean)
+    return max(
+        minimum_cache_bytes(packed, args),
+        default_cache_bytes(packed.manifest.resident_bytes, packed.manifest.expert_bytes),
+    )
+
+
+def minimum_cache_bytes(packed, args: ModelArgs) -> int:
+    """The smallest workable budget: one layer's top-k in every slot pool."""
+    return args.num_experts_per_tok * sum({block_shape_of(e).nbytes for e in packed.manifest.layers})

@@ -1,0 +1,279 @@
+"""Streamed experts: the object the MoE block calls when experts live on the SSD.
+
+``ExpertRuntime`` joins the pieces for one packed model — ExpertStore (bytes), ExpertCache (what stays),
+Prefetcher (when to read) — and ``StreamedExperts`` is one layer's ``experts(x, indices)``:
+
+1. the router's top-k ids come to the host (this evaluates the graph up to the router);
+2. hits are pinned in their slots, misses get slots and are read in parallel;
+3. the chosen experts run with ``mx.gather_qmm`` over the slot pools, exactly as the resident
+   experts run over their stacked tensors (same kernels, same order, slot ids for expert ids);
+4. the result is evaluated before the slots are unpinned, so no slot is refilled under a live graph.
+
+When one step routes to more distinct experts than the pool has slots (long prefill chunks on a
+small cache), the experts are processed in batches that fit; memory stays within the budget.
+
+Names: M = token-expert pairs, U = distinct experts in a step, K = experts per token, H = hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import StreamerError
+from ..models.experts import switch_glu
+from ..packed import LayerEntry, PackedModel
+from .cache import BlockShape, Component, ExpertCache
+from .prefetch import Prefetcher
+from .store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamStats:
+    """Totals since the runtime started (or the last ``reset``)."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    stall_s: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class ExpertRuntime:
+    """Store + cache + prefetcher for one packed model; the graph-building thread calls it.
+
+    Args:
+        packed: the opened packed model.
+        cache_bytes: byte budget of the expert slots.
+        min_slots: the fewest slots a pool may have (the model's top-k).
+        io_mode: "buffered" or "direct".
+        threads: reader threads.
+        io_timeout_s: longest wait for one expert read before the step fails.
+    """
+
+    def __init__(
+        self,
+        packed: PackedModel,
+        cache_bytes: int,
+        min_slots: int,
+        io_mode: str = "buffered",
+        threads: int = 8,
+        io_timeout_s: float = 60.0,
+        fault=None,
+    ):
+        self.packed = packed
+        self.min_slots = min_slots
+        layers = packed.manifest.layers
+        shapes = {e.layer: block_shape_of(e) for e in layers}
+        self.cache = ExpertCache(shapes, {e.layer: e.num_experts for e in layers}, cache_bytes, min_slots)
+        self.store = ExpertStore(packed, io_mode, fault=fault)
+        self.prefetcher = Prefetcher(self.store.read_block, threads)
+        self.io_timeout_s = io_timeout_s
+        self.stats = StreamStats()
+        self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
+
+    def layer_entry(self, layer: int) -> LayerEntry:
+        return self.packed.manifest.layers[layer]
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> dict[int, int]:
+        """Pins a slot holding each of ``experts`` (reading the misses in parallel); returns expert -> slot."""
+        self._settle_prefetched(layer, keep=set(experts))
+        slots: dict[int, int] = {}
+        pending: list[tuple[int, int, Future]] = []
+        pool = self.cache.pool(layer)
+        try:
+            for e in experts:
+                if (layer, e) in self._prefetched:
+                    slot, fut = self._prefetched.pop((layer, e))  # already pinned by prefetch()
+                    pending.append((e, slot, fut))
+                    self.stats.prefetch_used += 1
+                    self.stats.misses += 1
+                elif (slot := self.cache.lookup(layer, e)) is not None:
+                    self.cache.pin(layer, [slot])
+                    self.stats.hits += 1
+                else:
+                    slot = self.cache.allocate(layer, e)
+                    pending.append((e, slot, self.prefetcher.submit(layer, e, pool.buffers(slot))))
+                    self.stats.misses += 1
+                slots[e] = slot
+            self._wait(layer, pending)
+        except BaseException:
+            self._abandon(layer, slots, pending)
+            raise
+        return slots
+
+    def _wait(self, layer: int, pending: list[tuple[int, int, Future]]) -> None:
+        start = time.perf_counter()
+        for e, slot, fut in pending:
+            try:
+                fut.result(timeout=self.io_timeout_s)
+            except FutureTimeout:
+                raise StreamerError(
+                    f"reading layer {layer} expert {e} took longer than {self.io_timeout_s:.0f} s; "
+                    "is the disk still attached?"
+                ) from None
+            self.cache.commit(layer, e, slot)
+        self.stats.stall_s += time.perf_counter() - start
+
+    def _abandon(self, layer: int, slots: dict[int, int], pending: list[tuple[int, int, Future]]) -> None:
+        """Undoes a failed acquire: failed or unfinished reads lose their slots, the rest are unpinned."""
+        unfinished = {e for e, _, fut in pending if not (fut.done() and fut.exception() is None)}
+        for e, slot in slots.items():
+            if e in unfinished:
+                if (layer, e) in self.cache:
+                    self.cache.unpin(layer, [slot])
+                self._drop(layer, e, slot)
+            else:
+                if (layer, e) not in self.cache:
+                    self.cache.commit(layer, e, slot)
+                self.cache.unpin(layer, [slot])
+
+    def _drop(self, layer: int, expert: int, slot: int) -> None:
+        fut = self.prefetcher.inflight(layer, expert)
+        if fut is not None:  # let a late read finish before its slot can be reused
+            try:
+                fut.result(timeout=self.io_timeout_s)
+            except Exception:  # noqa: BLE001 - the read is abandoned either way
+                pass
+        self.cache.abort(layer, slot)
+
+    def release(self, layer: int, slots: dict[int, int]) -> None:
+        self.cache.unpin(layer, slots.values())
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Starts reading ``experts`` of ``layer`` ahead of need, in free or evictable slots only."""
+        pool = self.cache.pool(layer)
+        for e in experts:
+            key = (layer, e)
+            if key in self._prefetched or key in self.cache:
+                continue
+            free_slots = pool.slots - self.cache.pinned_count_in(layer)
+            if free_slots <= self.cache_min_free(layer):
+                return
+            slot = self.cache.allocate(layer, e)
+            self._prefetched[key] = (slot, self.prefetcher.submit(layer, e, pool.buffers(slot)))
+            self.stats.prefetch_issued += 1
+
+    def cache_min_free(self, layer: int) -> int:
+        # Keep room for the layer's own top-k: prefetch must never starve the step it runs ahead of.
+        return self.min_slots
+
+    def _settle_prefetched(self, layer: int, keep: set[int]) -> None:
+        """Commits this layer's finished prefetches that the step does not need and unpins them."""
+        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in keep]:
+            slot, fut = self._prefetched.pop(key)
+            try:
+                fut.result(timeout=self.io_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a failed guess costs nothing but its slot
+                log.warning("prefetch of layer %d expert %d failed: %s", layer, key[1], e)
+                self.cache.abort(layer, slot)
+                continue
+            self.cache.commit(layer, key[1], slot)
+            self.cache.unpin(layer, [slot])
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.store.close()
+
+    def snapshot_stats(self) -> dict:
+        return {
+            "cache_hits": self.stats.hits,
+            "cache_misses": self.stats.misses,
+            "bytes_read": self.prefetcher.bytes_read,
+            "stall_s": self.stats.stall_s,
+            "prefetch_issued": self.stats.prefetch_issued,
+            "prefetch_used": self.stats.prefetch_used,
+            "cache_bytes": self.cache.capacity_bytes,
+        }
+
+
+def block_shape_of(entry: LayerEntry) -> BlockShape:
+    return BlockShape(tuple(Component(c.name, c.dtype, tuple(c.shape)) for c in entry.components))
+
+
+class _PoolProjection:
+    """One projection (gate/up/down) of a layer's experts, computed over slot pool arrays."""
+
+    def __init__(self, arrays: dict, entry: LayerEntry, name: str):
+        self.weight = arrays[f"{name}.weight"]
+        self.scales = arrays.get(f"{name}.scales")
+        self.biases = arrays.get(f"{name}.biases")
+        c = entry.component(f"{name}.weight")
+        self.bits, self.group_size, self.mode = c.bits, c.group_size, c.mode or "affine"
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if self.bits is None:
+            return mx.gather_mm(
+                x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+            )
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
+
+class StreamedExperts:
+    """One layer's routed experts, read on demand through an ExpertRuntime."""
+
+    def __init__(self, runtime: ExpertRuntime, layer: int):
+        self.runtime = runtime
+        self.layer = layer
+        entry = runtime.layer_entry(layer)
+        arrays = runtime.cache.pool(layer).arrays
+        self._proj = [_PoolProjection(arrays, entry, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        self._capacity = runtime.cache.pool(layer).slots
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        ids = np.array(indices)  # [..., K]: evaluates the router; top-k itself stayed on the device
+        unique = np.unique(ids)
+        if len(unique) <= self._capacity:
+            return self._run_batch(x, ids, unique)
+        return self._run_in_batches(x, ids, unique)
+
+    def _run_batch(self, x: mx.array, ids: np.ndarray, experts: np.ndarray) -> mx.array:
+        slots = self.runtime.acquire(self.layer, experts.tolist())
+        try:
+            slot_of = np.zeros(int(experts.max()) + 1, dtype=np.uint32)
+            slot_of[experts] = [slots[int(e)] for e in experts]
+            y = switch_glu(x, mx.array(slot_of[ids]), *self._proj)
+            mx.eval(y)  # before unpinning: the slots must not change under an unevaluated graph
+        finally:
+            self.runtime.release(self.layer, slots)
+        return y
+
+    def _run_in_batches(self, x: mx.array, ids: np.ndarray, unique: np.ndarray) -> mx.array:
+        """More distinct experts than slots: run the token-expert pairs of a few experts at a time."""
+        K, H = ids.shape[-1], x.shape[-1]
+        flat_ids = ids.reshape(-1)  # [M]
+        x_tokens = x.reshape(-1, H)  # [M / K, H]
+        batch = max(1, self._capacity - self.runtime.cache.pinned_count_in(self.layer))
+        pieces, order = [], []
+        for start in range(0, len(unique), batch):
+            chosen = unique[start : start + batch]
+            pairs = np.flatnonzero(np.isin(flat_ids, chosen))  # [P] positions in the M pairs
+            y = self._run_batch(x_tokens[mx.array(pairs // K)], flat_ids[pairs].reshape(-1, 1), chosen)
+            pieces.append(y.reshape(-1, H))
+            order.append(pairs)
+        inverse = np.argsort(np.concatenate(order))
+        y = mx.concatenate(pieces)[mx.array(inverse)]  # back to pair order
+        return y.reshape(*ids.shape, H)

@@ -1,0 +1,146 @@
+"""Streaming never changes tokens: streamed experts give the resident model's logits exactly.
+
+Every preset, cache sizes from one layer's top-k up to every expert, both I/O modes; plus telemetry
+that shows the cache really worked (misses, bytes read), and read faults that surface clearly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from streamer.config import ModelArgs, RuntimeConfig
+from streamer.engine import load_engine, minimum_cache_bytes
+from streamer.packed import open_packed
+from streamer.errors import StreamerError
+from streamer.repack import make_plan, run_repack
+from streamer.synthetic import generate
+
+PROMPT = [5, 77, 301, 12, 9, 44, 500, 3, 18, 250, 61, 7, 99, 140, 8, 2]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """Source checkpoint and packed directory per preset (built once for the module)."""
+    root = tmp_path_factory.mktemp("streaming")
+    built = {}
+
+    def get(preset: str):
+        if preset not in built:
+            src = generate(root / f"{preset}-src", preset, dtype="float32", seed=11)
+            run_repack(make_plan(src, root / f"{preset}-packed"))
+            built[preset] = (src, root / f"{preset}-packed")
+        return built[preset]
+
+    return get
+
+
+def _logits(engine, tokens, steps):
+    """Prefill logits of ``tokens`` then ``steps`` greedy decode logits, as numpy."""
+    cache = engine.model.make_cache()
+    out = []
+    logits = engine.model(mx.array([tokens]), cache=cache)
+    out.append(np.array(logits[0]))
+    token = int(mx.argmax(logits[0, -1]).item())
+    for _ in range(steps):
+        logits = engine.model(mx.array([[token]]), cache=cache)
+        out.append(np.array(logits[0]))
+        token = int(mx.argmax(logits[0, -1]).item())
+    return out
+
+
+@pytest.fixture(scope="module")
+def resident_logits(packed):
+    results = {}
+
+    def get(preset):
+        if preset not in results:
+            src, _ = packed(preset)
+            with load_engine(src, resident=True) as engine:
+                results[preset] = _logits(engine, PROMPT, 8)
+        return results[preset]
+
+    return get
+
+
+def _cache_experts(args, which):
+    k, e = args.num_experts_per_tok, args.num_experts
+    return {"min": k, "half": max(k, e * args.num_hidden_layers // 2), "all": e * args.num_hidden_layers}[
+        which
+    ]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "like-397b", "like-35b", "reap", "mixed", "q8"])
+@pytest.mark.parametrize("size", ["min", "half", "all"])
+def test_streamed_equals_resident(packed, resident_logits, preset, size):
+    _, dst = packed(preset)
+    want = resident_logits(preset)
+    args = ModelArgs.from_dict(json.loads((dst / "config.json").read_text()))
+    if size == "min":
+        with open_packed(dst) as p:
+            config = RuntimeConfig(cache_bytes=minimum_cache_bytes(p, args))
+    else:
+        config = RuntimeConfig(cache_experts=_cache_experts(args, size))
+    with load_engine(dst, config) as engine:
+        got = _logits(engine, PROMPT, 8)
+        stats = engine.stats()
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert np.array_equal(g, w), f"{preset} cache={size}: step {step} differs by {np.abs(g - w).max()}"
+    assert stats["cache_misses"] > 0 and stats["bytes_read"] > 0
+    if size == "min":
+        assert stats["cache_hits"] < stats["cache_misses"]
+
+
+@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
+def test_io_modes_agree(packed, resident_logits, io_mode):
+    _, dst = packed("like-35b")
+    try:
+        engine = load_engine(dst, RuntimeConfig(cache_experts=8, io_mode=io_mode))
+    except StreamerError as e:
+        pytest.skip(f"filesystem refuses direct I/O: {e}")
+    with engine:
+        got = _logits(engine, PROMPT, 8)
+    for g, w in zip(got, resident_logits("like-35b"), strict=True):
+        assert np.array_equal(g, w)
+
+
+def test_a_wrong_slot_would_be_caught(packed, resident_logits):
+    """The comparison above can fail: corrupting one cached expert changes the logits."""
+    _, dst = packed("tiny")
+    with load_engine(dst, RuntimeConfig(cache_experts=64)) as engine:
+        _logits(engine, PROMPT, 0)  # warm the cache
+        pool = engine.runtime.cache.pool(0)
+        for slot in range(pool.slots):
+            buf = pool.buffers(slot)[0]
+            buf[:] = bytes(len(buf))  # zero gate_proj.weight of every cached layer-0 expert
+        got = _logits(engine, PROMPT, 0)
+    assert not np.array_equal(got[0], resident_logits("tiny")[0])
+
+
+def test_read_fault_gives_a_clear_error_and_the_engine_recovers(packed, resident_logits):
+    _, dst = packed("tiny")
+    with load_engine(dst, RuntimeConfig(cache_experts=4)) as engine:
+        calls = {"n": 0}
+
+        def fault(layer, expert):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(5, "Input/output error")
+
+        engine.runtime.store.fault = fault
+        with pytest.raises(StreamerError, match=r"layer \d+ expert \d+"):
+            _logits(engine, PROMPT, 0)
+        assert engine.runtime.cache.pinned_count() == 0
+        engine.runtime.store.fault = None
+        got = _logits(engine, PROMPT, 8)
+    for g, w in zip(got, resident_logits("tiny"), strict=True):
+        assert np.array_equal(g, w)
+
+
+def test_checkpoint_without_repack_says_what_to_do(packed):
+    src, _ = packed("tiny")
+    with pytest.raises(StreamerError, match="streamer repack"):
+        load_engine(src)
