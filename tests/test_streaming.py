@@ -14,8 +14,8 @@ import pytest
 
 from streamer.config import ModelArgs, RuntimeConfig
 from streamer.engine import load_engine, minimum_cache_bytes
-from streamer.packed import open_packed
 from streamer.errors import StreamerError
+from streamer.packed import open_packed
 from streamer.repack import make_plan, run_repack
 from streamer.synthetic import generate
 

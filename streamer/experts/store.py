@@ -89,7 +89,8 @@ class ExpertStore:
             return self._read_buffered(entry, layer, offset, buffers)
         except OSError as e:
             raise ExpertReadError(
-                f"{self.packed.path / entry.file}: reading layer {layer} expert {expert} failed: {e.strerror or e}"
+                f"{self.packed.path / entry.file}: reading layer {layer} expert {expert} failed: "
+                f"{e.strerror or e}"
             ) from e
 
     def _read_buffered(self, entry: LayerEntry, layer: int, offset: int, buffers) -> int:

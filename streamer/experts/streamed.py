@@ -88,7 +88,7 @@ class ExpertRuntime:
         return self.packed.manifest.layers[layer]
 
     def acquire(self, layer: int, experts: Sequence[int]) -> dict[int, int]:
-        """Pins a slot holding each of ``experts`` (reading the misses in parallel); returns expert -> slot."""
+        """Pins a slot holding each of ``experts``, reading misses in parallel; returns expert -> slot."""
         self._settle_prefetched(layer, keep=set(experts))
         slots: dict[int, int] = {}
         pending: list[tuple[int, int, Future]] = []
