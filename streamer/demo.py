@@ -37,3 +37,17 @@ def demo_checkpoint(build: bool = True) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         generate(path, get_preset(DEMO_PRESET), dtype="bfloat16", seed=DEMO_SEED)
     return path
+
+
+def demo_packed() -> Path:
+    """The packed demo model, building and repacking it on first use (a few seconds)."""
+    from .paths import models_dir
+    from .repack import make_plan, run_repack
+
+    dst = models_dir() / f"streamer-demo-seed{DEMO_SEED}"
+    if (dst / "manifest.json").is_file():
+        return dst
+    src = demo_checkpoint()
+    log.info("packing the demo model into %s", dst)
+    run_repack(make_plan(src, dst))
+    return dst

@@ -1,0 +1,132 @@
+"""Flags shared by every command that runs a model (generate, chat, serve, bench), and model lookup.
+
+Each flag maps 1:1 to a ``RuntimeConfig`` field; ``--cache-gb`` is converted to bytes here, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import click
+
+from .config import IO_MODES, PREFETCH_MODES, RuntimeConfig
+from .engine import Engine, is_packed, load_engine
+
+log = logging.getLogger(__name__)
+
+
+def runtime_options(command):
+    """Adds the expert-cache, I/O and compute flags to a click command."""
+    options = [
+        click.option(
+            "--cache-gb",
+            type=float,
+            default=None,
+            help="Expert cache size in GB (default: 75% of RAM minus resident weights minus 4 GB headroom).",
+        ),
+        click.option(
+            "--cache-experts", type=int, default=None, help="Expert cache size as a number of experts."
+        ),
+        click.option(
+            "--io",
+            "io_mode",
+            type=click.Choice(IO_MODES),
+            default="buffered",
+            show_default=True,
+            help="buffered: through the OS page cache; direct: bypass it (O_DIRECT / F_NOCACHE).",
+        ),
+        click.option(
+            "--prefetch",
+            type=click.Choice(PREFETCH_MODES),
+            default="parallel",
+            show_default=True,
+            help="off: read misses one by one; parallel: read a layer's misses at once; "
+            "predict: also guess the next layer's experts early.",
+        ),
+        click.option("--threads", type=int, default=8, show_default=True, help="Expert reader threads."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "bfloat16", "float16"]),
+            default=None,
+            help="Activation dtype (default: float32 on CPU, bfloat16 on GPU).",
+        ),
+        click.option(
+            "--resident",
+            is_flag=True,
+            help="Run a source checkpoint with every expert in memory (no repack; needs RAM for all of it).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def runtime_config(
+    cache_gb: float | None,
+    cache_experts: int | None,
+    io_mode: str,
+    prefetch: str,
+    threads: int,
+    dtype: str | None,
+) -> RuntimeConfig:
+    """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
+    cache_bytes = None if cache_gb is None else int(cache_gb * 1e9)
+    if cache_gb is not None and cache_gb <= 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--cache-gb must be positive, got {cache_gb:g}")
+    return RuntimeConfig(
+        cache_bytes=cache_bytes,
+        cache_experts=cache_experts,
+        io_mode=io_mode,
+        prefetch=prefetch,
+        threads=threads,
+        dtype=dtype,
+    )
+
+
+def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
+    """Removes the shared flags from a command's kwargs: (RuntimeConfig, resident flag)."""
+    resident = kwargs.pop("resident")
+    names = ("cache_gb", "cache_experts", "io_mode", "prefetch", "threads", "dtype")
+    return runtime_config(**{n: kwargs.pop(n) for n in names}), resident
+
+
+def resolve_model(model: str | None, resident: bool = False) -> Path:
+    """A model argument to a directory: packed dir, checkpoint (with --resident), hub id, or the demo.
+
+    With no argument the embedded demo model is built (once) and packed (once).
+    """
+    if model is None:
+        from .demo import DEMO_NOTICE, demo_packed
+
+        click.echo(DEMO_NOTICE, err=True)
+        return demo_packed()
+    path = Path(model).expanduser()
+    if path.is_dir() and (is_packed(path) or resident):
+        return path
+    if resident:
+        from .paths import resolve_source
+
+        return resolve_source(model)[0]
+    from .paths import resolve_packed_model
+
+    return resolve_packed_model(model)
+
+
+def open_engine(model: str | None, config: RuntimeConfig, resident: bool) -> Engine:
+    return load_engine(resolve_model(model, resident), config, resident=resident)
+
+
+def with_runtime(fn):
+    """Decorator: adds the shared flags and passes ``runtime=RuntimeConfig, resident=bool`` instead."""
+
+    @runtime_options
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        config, resident = pop_runtime_kwargs(kwargs)
+        return fn(runtime=config, resident=resident, **kwargs)
+
+    return wrapper
