@@ -82,10 +82,14 @@ def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
         io_mode=config.io_mode,
         threads=config.threads,
         io_timeout_s=config.io_timeout_s,
+        prefetch=config.prefetch,
     )
     try:
-        for i, layer in enumerate(model.layers):
-            layer.mlp.replace_experts(StreamedExperts(runtime, i))
+        layers = model.layers
+        for i, layer in enumerate(layers):
+            # The next layer's router, looked up at call time (quantization replaces the module).
+            predictor = (lambda x, mlp=layers[i + 1].mlp: mlp.gate(x)) if i + 1 < len(layers) else None
+            layer.mlp.replace_experts(StreamedExperts(runtime, i, predictor, args.num_experts_per_tok))
         weights = packed.load_resident()
         spec = QuantSpec.from_config(raw_config, {n: tuple(w.shape) for n, w in weights.items()})
         quantize_modules(model, spec)

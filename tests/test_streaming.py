@@ -94,17 +94,26 @@ def test_streamed_equals_resident(packed, resident_logits, preset, size):
         assert stats["cache_hits"] < stats["cache_misses"]
 
 
-@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
-def test_io_modes_agree(packed, resident_logits, io_mode):
+@pytest.mark.parametrize(
+    "io_mode, prefetch",
+    [("buffered", "off"), ("buffered", "predict"), ("direct", "parallel"), ("direct", "predict")],
+)
+@pytest.mark.parametrize("cache_experts", [8, 100])
+def test_io_and_prefetch_modes_agree(packed, resident_logits, io_mode, prefetch, cache_experts):
     _, dst = packed("like-35b")
     try:
-        engine = load_engine(dst, RuntimeConfig(cache_experts=8, io_mode=io_mode))
+        engine = load_engine(
+            dst, RuntimeConfig(cache_experts=cache_experts, io_mode=io_mode, prefetch=prefetch)
+        )
     except StreamerError as e:
         pytest.skip(f"filesystem refuses direct I/O: {e}")
     with engine:
         got = _logits(engine, PROMPT, 8)
+        stats = engine.stats()
     for g, w in zip(got, resident_logits("like-35b"), strict=True):
         assert np.array_equal(g, w)
+    if prefetch == "predict":
+        assert stats["predicted"] > 0 and 0 <= stats["predicted_right"] <= stats["predicted"]
 
 
 def test_a_wrong_slot_would_be_caught(packed, resident_logits):

@@ -45,6 +45,8 @@ class StreamStats:
     misses: int = 0
     prefetch_issued: int = 0
     prefetch_used: int = 0
+    predicted: int = 0  # experts guessed for the next layer (predict mode)
+    predicted_right: int = 0  # ... that the next layer then routed to
     stall_s: float = 0.0
 
     def reset(self) -> None:
@@ -71,9 +73,11 @@ class ExpertRuntime:
         io_mode: str = "buffered",
         threads: int = 8,
         io_timeout_s: float = 60.0,
+        prefetch: str = "parallel",
         fault=None,
     ):
         self.packed = packed
+        self.prefetch_mode = prefetch
         self.min_slots = min_slots
         layers = packed.manifest.layers
         shapes = {e.layer: block_shape_of(e) for e in layers}
@@ -83,12 +87,25 @@ class ExpertRuntime:
         self.io_timeout_s = io_timeout_s
         self.stats = StreamStats()
         self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
+        self._predicted: dict[int, set[int]] = {}  # layer -> experts guessed for it
+        # Called as on_route(layer, ids [tokens, K]) for every routing decision (for --trace).
+        self.on_route = None
 
     def layer_entry(self, layer: int) -> LayerEntry:
         return self.packed.manifest.layers[layer]
 
     def acquire(self, layer: int, experts: Sequence[int]) -> dict[int, int]:
         """Pins a slot holding each of ``experts``, reading misses in parallel; returns expert -> slot."""
+        slots, pending = self.begin(layer, experts)
+        self.finish(layer, slots, pending)
+        return slots
+
+    def begin(self, layer: int, experts: Sequence[int]) -> tuple[dict[int, int], list]:
+        """Pins hits and starts reading misses; returns (expert -> slot, pending reads for ``finish``).
+
+        The caller may compute with the hits' slots before calling ``finish``.
+        """
+        self._score_prediction(layer, experts)
         self._settle_prefetched(layer, keep=set(experts))
         slots: dict[int, int] = {}
         pending: list[tuple[int, int, Future]] = []
@@ -105,14 +122,35 @@ class ExpertRuntime:
                     self.stats.hits += 1
                 else:
                     slot = self.cache.allocate(layer, e)
-                    pending.append((e, slot, self.prefetcher.submit(layer, e, pool.buffers(slot))))
+                    pending.append((e, slot, self._read(layer, e, pool.buffers(slot))))
                     self.stats.misses += 1
                 slots[e] = slot
+        except BaseException:
+            self._abandon(layer, slots, pending)
+            raise
+        return slots, pending
+
+    def finish(self, layer: int, slots: dict[int, int], pending: list) -> None:
+        """Waits for the reads ``begin`` started; on failure every slot of the step is released."""
+        try:
             self._wait(layer, pending)
         except BaseException:
             self._abandon(layer, slots, pending)
             raise
-        return slots
+
+    def _read(self, layer: int, expert: int, buffers: list) -> Future:
+        if self.prefetch_mode != "off":
+            return self.prefetcher.submit(layer, expert, buffers)
+        # "off": read now, on this thread, one expert after another (the simple reference path).
+        fut: Future = Future()
+        start = time.perf_counter()
+        try:
+            fut.set_result(self.store.read_block(layer, expert, buffers))
+            self.prefetcher.bytes_read += fut.result()
+        except Exception as e:  # noqa: BLE001 - delivered through the future like a threaded read
+            fut.set_exception(e)
+        self.stats.stall_s += time.perf_counter() - start
+        return fut
 
     def _wait(self, layer: int, pending: list[tuple[int, int, Future]]) -> None:
         start = time.perf_counter()
@@ -166,6 +204,17 @@ class ExpertRuntime:
             self._prefetched[key] = (slot, self.prefetcher.submit(layer, e, pool.buffers(slot)))
             self.stats.prefetch_issued += 1
 
+    def predict(self, layer: int, experts: Sequence[int]) -> None:
+        """Records a guess of ``layer``'s experts (scored when it routes) and prefetches it."""
+        self._predicted[layer] = set(experts)
+        self.prefetch(layer, experts)
+
+    def _score_prediction(self, layer: int, experts: Sequence[int]) -> None:
+        guess = self._predicted.pop(layer, None)
+        if guess is not None:
+            self.stats.predicted += len(guess)
+            self.stats.predicted_right += len(guess & set(experts))
+
     def cache_min_free(self, layer: int) -> int:
         # Keep room for the layer's own top-k: prefetch must never starve the step it runs ahead of.
         return self.min_slots
@@ -195,6 +244,8 @@ class ExpertRuntime:
             "stall_s": self.stats.stall_s,
             "prefetch_issued": self.stats.prefetch_issued,
             "prefetch_used": self.stats.prefetch_used,
+            "predicted": self.stats.predicted,
+            "predicted_right": self.stats.predicted_right,
             "cache_bytes": self.cache.capacity_bytes,
         }
 
@@ -233,47 +284,101 @@ class _PoolProjection:
 
 
 class StreamedExperts:
-    """One layer's routed experts, read on demand through an ExpertRuntime."""
+    """One layer's routed experts, read on demand through an ExpertRuntime.
 
-    def __init__(self, runtime: ExpertRuntime, layer: int):
+    Args:
+        runtime: the shared ExpertRuntime.
+        layer: this layer's index.
+        predictor: optional ``x -> logits of the next layer's router``; in predict mode its top-k
+            is prefetched for the next layer while this one computes.
+    """
+
+    def __init__(self, runtime: ExpertRuntime, layer: int, predictor=None, top_k: int = 0):
         self.runtime = runtime
         self.layer = layer
+        self.predictor = predictor
+        self.top_k = top_k
         entry = runtime.layer_entry(layer)
         arrays = runtime.cache.pool(layer).arrays
         self._proj = [_PoolProjection(arrays, entry, n) for n in ("gate_proj", "up_proj", "down_proj")]
         self._capacity = runtime.cache.pool(layer).slots
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        guess = self._guess_next(x)
+        if guess is not None:
+            mx.eval(indices, guess)  # one sync for both
         ids = np.array(indices)  # [..., K]: evaluates the router; top-k itself stayed on the device
+        if self.runtime.on_route is not None:
+            self.runtime.on_route(self.layer, ids.reshape(-1, ids.shape[-1]))
         unique = np.unique(ids)
-        if len(unique) <= self._capacity:
-            return self._run_batch(x, ids, unique)
-        return self._run_in_batches(x, ids, unique)
-
-    def _run_batch(self, x: mx.array, ids: np.ndarray, experts: np.ndarray) -> mx.array:
-        slots = self.runtime.acquire(self.layer, experts.tolist())
+        if len(unique) > self._capacity:
+            return self._run_in_batches(x, ids, unique)
+        slots, pending = self.runtime.begin(self.layer, unique.tolist())
         try:
-            slot_of = np.zeros(int(experts.max()) + 1, dtype=np.uint32)
-            slot_of[experts] = [slots[int(e)] for e in experts]
-            y = switch_glu(x, mx.array(slot_of[ids]), *self._proj)
-            mx.eval(y)  # before unpinning: the slots must not change under an unevaluated graph
+            if guess is not None:  # reads for the next layer start now and overlap this layer's compute
+                self.runtime.predict(self.layer + 1, np.unique(np.array(guess)).tolist())
+            y = self._compute(x, ids, slots, pending)
         finally:
             self.runtime.release(self.layer, slots)
         return y
 
+    def _guess_next(self, x: mx.array) -> mx.array | None:
+        if self.predictor is None or self.runtime.prefetch_mode != "predict" or x.size != x.shape[-1]:
+            return None  # decode only: a prefill chunk is handled expert-major anyway
+        logits = self.predictor(x)
+        return mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+
+    def _compute(self, x: mx.array, ids: np.ndarray, slots: dict[int, int], pending: list) -> mx.array:
+        """Runs the step; with both hits and misses, the hits compute while the misses are read."""
+        missing = np.array([e for e, _, _ in pending], dtype=ids.dtype)
+        if len(missing) == 0 or len(missing) == len(slots) or self.runtime.prefetch_mode == "off":
+            self.runtime.finish(self.layer, slots, pending)
+            return self._evaluated(x, ids, slots)
+        flat = ids.reshape(-1)
+        is_miss = np.isin(flat, missing)
+        hit_pairs, miss_pairs = np.flatnonzero(~is_miss), np.flatnonzero(is_miss)
+        y_hits = self._pairs(x, ids, hit_pairs, slots)  # evaluated: overlaps the reads in flight
+        self.runtime.finish(self.layer, slots, pending)
+        y_misses = self._pairs(x, ids, miss_pairs, slots)
+        return _reassemble([y_hits, y_misses], [hit_pairs, miss_pairs], ids.shape)
+
+    def _evaluated(self, x: mx.array, ids: np.ndarray, slots: dict[int, int]) -> mx.array:
+        y = switch_glu(x, mx.array(_slot_ids(ids, slots)), *self._proj)
+        mx.eval(y)  # before unpinning: the slots must not change under an unevaluated graph
+        return y
+
+    def _pairs(self, x: mx.array, ids: np.ndarray, pairs: np.ndarray, slots: dict[int, int]) -> mx.array:
+        """Outputs [P, H] of the token-expert pairs ``pairs`` (positions in the flattened [M] pairs)."""
+        K, H = ids.shape[-1], x.shape[-1]
+        x_pairs = x.reshape(-1, H)[mx.array(pairs // K)]  # [P, H]
+        return self._evaluated(x_pairs, ids.reshape(-1)[pairs].reshape(-1, 1), slots).reshape(-1, H)
+
     def _run_in_batches(self, x: mx.array, ids: np.ndarray, unique: np.ndarray) -> mx.array:
         """More distinct experts than slots: run the token-expert pairs of a few experts at a time."""
-        K, H = ids.shape[-1], x.shape[-1]
-        flat_ids = ids.reshape(-1)  # [M]
-        x_tokens = x.reshape(-1, H)  # [M / K, H]
+        flat = ids.reshape(-1)  # [M]
         batch = max(1, self._capacity - self.runtime.cache.pinned_count_in(self.layer))
         pieces, order = [], []
         for start in range(0, len(unique), batch):
             chosen = unique[start : start + batch]
-            pairs = np.flatnonzero(np.isin(flat_ids, chosen))  # [P] positions in the M pairs
-            y = self._run_batch(x_tokens[mx.array(pairs // K)], flat_ids[pairs].reshape(-1, 1), chosen)
-            pieces.append(y.reshape(-1, H))
+            pairs = np.flatnonzero(np.isin(flat, chosen))
+            slots = self.runtime.acquire(self.layer, chosen.tolist())
+            try:
+                pieces.append(self._pairs(x, ids, pairs, slots))
+            finally:
+                self.runtime.release(self.layer, slots)
             order.append(pairs)
-        inverse = np.argsort(np.concatenate(order))
-        y = mx.concatenate(pieces)[mx.array(inverse)]  # back to pair order
-        return y.reshape(*ids.shape, H)
+        return _reassemble(pieces, order, ids.shape)
+
+
+def _slot_ids(ids: np.ndarray, slots: dict[int, int]) -> np.ndarray:
+    experts = np.fromiter(slots, dtype=np.int64)
+    slot_of = np.zeros(int(experts.max()) + 1, dtype=np.uint32)
+    slot_of[experts] = list(slots.values())
+    return slot_of[ids]
+
+
+def _reassemble(pieces: list[mx.array], order: list[np.ndarray], shape: tuple[int, ...]) -> mx.array:
+    """Per-pair outputs computed in groups back to [..., K, H] in the original pair order."""
+    inverse = mx.array(np.argsort(np.concatenate(order)))
+    y = mx.concatenate(pieces)[inverse]
+    return y.reshape(*shape, y.shape[-1])
