@@ -47,8 +47,11 @@ def main(verbose: bool) -> None:
 
 def _register() -> None:
     # Each module adds its commands to ``main``; imported here so `streamer --help` lists them all.
-    from . import cli_repack  # noqa: F401
-    from . import cli_synthetic  # noqa: F401
+    from . import (
+        cli_generate,  # noqa: F401
+        cli_repack,  # noqa: F401
+        cli_synthetic,  # noqa: F401
+    )
 
 
 _register()
