@@ -37,7 +37,15 @@ _PRESET_HELP = "\n".join(f"  {name:10} {p.description}" for name, p in PRESETS.i
     show_default=True,
     help="Maximum safetensors shard size.",
 )
-def synthetic(preset: str, dst: Path, dtype: str, seed: int, layers: int | None, shard_gb: float) -> None:
+@click.option(
+    "--vocab-size",
+    type=click.IntRange(min=576),
+    default=None,
+    help="full-width only: a smaller vocabulary (e.g. 576) so CPU benchmarks measure the layers.",
+)
+def synthetic(
+    preset: str, dst: Path, dtype: str, seed: int, layers: int | None, shard_gb: float, vocab_size: int | None
+) -> None:
     """Write a synthetic Qwen3.5-MoE checkpoint (random weights) to DST.
 
     The output is byte-compatible with what mlx_lm.convert publishes on mlx-community, so every
@@ -46,7 +54,9 @@ def synthetic(preset: str, dst: Path, dtype: str, seed: int, layers: int | None,
     """
     if dst.exists():
         raise ConfigError(f"{dst} already exists; choose a new directory or delete it first")
-    spec = get_preset(preset, layers)
+    if vocab_size is not None and preset != FULL_WIDTH:
+        raise ConfigError("--vocab-size applies to the full-width preset only")
+    spec = get_preset(preset, layers, vocab_size)
     total = checkpoint_bytes(spec, dtype)
     click.echo(
         f"writing {preset} ({total / 1e9:.2f} GB, {spec.text_config['num_hidden_layers']} layers) to {dst}",

@@ -122,14 +122,14 @@ class Preset:
     values: str = "float"
 
 
-def _full_width_config(num_layers: int) -> dict:
+def _full_width_config(num_layers: int, vocab_size: int = 248320) -> dict:
     return _text_config(
         hidden_size=4096,
         num_hidden_layers=num_layers,
         num_attention_heads=32,
         num_key_value_heads=2,
         head_dim=256,
-        vocab_size=248320,
+        vocab_size=vocab_size,
         linear_num_value_heads=64,
         linear_num_key_heads=16,
         linear_key_head_dim=128,
@@ -196,16 +196,22 @@ PRESETS: dict[str, Preset] = {
 FULL_WIDTH = "full-width"
 
 
-def get_preset(name: str, num_layers: int | None = None) -> Preset:
-    """Looks up a preset; ``full-width`` (real 397B dimensions) takes its layer count from ``num_layers``."""
+def get_preset(name: str, num_layers: int | None = None, vocab_size: int | None = None) -> Preset:
+    """Looks up a preset; ``full-width`` (real 397B dimensions) takes its layer count from ``num_layers``.
+
+    ``vocab_size`` (full-width only) shrinks the embedding and output head, e.g. so a CPU benchmark
+    measures the layers rather than a 248k-row lm_head.
+    """
     if name == FULL_WIDTH:
         return Preset(
             FULL_WIDTH,
             "real Qwen3.5-397B-A17B dimensions (hidden 4096, 512 experts top-10, inter 1024)",
-            _full_width_config(num_layers or 4),
+            _full_width_config(num_layers or 4, vocab_size or 248320),
             tokenizer="small",
             values="codes",
         )
+    if vocab_size is not None:
+        raise ValueError("vocab_size can only be set for the full-width preset")
     if name not in PRESETS:
         known = ", ".join([*PRESETS, FULL_WIDTH])
         raise ValueError(f"unknown preset {name!r}; choose one of: {known}")

@@ -153,3 +153,15 @@ def test_checkpoint_without_repack_says_what_to_do(packed):
     src, _ = packed("tiny")
     with pytest.raises(StreamerError, match="streamer repack"):
         load_engine(src)
+
+
+def test_preload_fills_the_cache_and_then_every_lookup_hits(packed, resident_logits):
+    _, dst = packed("tiny")
+    with load_engine(dst, RuntimeConfig(cache_experts=1000)) as engine:
+        loaded = engine.runtime.preload()
+        assert loaded == 16 * 4  # every expert of every layer
+        got = _logits(engine, PROMPT, 4)
+        stats = engine.stats()
+    assert stats["cache_misses"] == 0 and stats["cache_hits"] > 0
+    for g, w in zip(got, resident_logits("tiny"), strict=False):
+        assert np.array_equal(g, w)

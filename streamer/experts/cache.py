@@ -215,6 +215,10 @@ class ExpertCache:
         shape = self._pool_of_layer[layer]
         return sum(1 for (s, _) in self._pins if s == shape)
 
+    def used_slots(self, layer: int) -> int:
+        """Slots holding committed experts in the pool that serves ``layer`` (all layers sharing it)."""
+        return len(self._pools[self._pool_of_layer[layer]].lru)
+
     def resident_experts(self, layer: int) -> list[int]:
         state = self._pools[self._pool_of_layer[layer]]
         return sorted(e for (l, e) in state.lru if l == layer)

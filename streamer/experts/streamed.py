@@ -232,6 +232,19 @@ class ExpertRuntime:
             self.cache.commit(layer, key[1], slot)
             self.cache.unpin(layer, [slot])
 
+    def preload(self) -> int:
+        """Reads experts into the cache, layer by layer, until it is full; returns experts loaded."""
+        loaded = 0
+        for entry in self.packed.manifest.layers:
+            room = self.cache.pool(entry.layer).slots - self.cache.used_slots(entry.layer)
+            todo = [e for e in range(entry.num_experts) if (entry.layer, e) not in self.cache][:room]
+            for start in range(0, len(todo), self.min_slots):
+                slots = self.acquire(entry.layer, todo[start : start + self.min_slots])
+                self.release(entry.layer, slots)
+                loaded += len(slots)
+        self.stats.reset()  # preloading is set-up, not traffic of the run
+        return loaded
+
     def close(self) -> None:
         self.prefetcher.close()
         self.store.close()
