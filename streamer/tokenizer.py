@@ -6,6 +6,7 @@ tokenizer_config.json) and ``generation_config.json`` from a checkpoint or packe
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,10 @@ class Tokenizer:
         self._template = None
         self.eos_token_ids = self._eos_ids(config, generation)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.generation_config = generation  # sampling defaults (see sampling.default_sampling_params)
+        self._byte_level = type(self._tok.decoder).__name__ == "ByteLevel"
+        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._bytes: dict[int, bytes] = {}
 
     def _eos_ids(self, config: dict, generation: dict) -> set[int]:
         ids = generation.get("eos_token_id", [])
@@ -96,40 +101,80 @@ class Tokenizer:
             **kwargs,
         )
 
-    def detokenizer(self) -> StreamingDetokenizer:
-        return StreamingDetokenizer(self)
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self, skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id decodes to (part of a character for byte-level BPE), as ``decode`` joins them."""
+        cached = self._bytes.get(token_id)
+        if cached is None:
+            piece = self._tok.id_to_token(token_id)
+            if piece is None:
+                raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+            cached = self._bytes[token_id] = self._piece_bytes(piece)
+        return cached
+
+    def _piece_bytes(self, piece: str) -> bytes:
+        # tokenizers' ByteLevel decoder: map every char back to its byte, or keep the piece's own UTF-8
+        # when some char is outside the table (added tokens such as "<think>" map to themselves anyway).
+        if not self._byte_level:
+            raise CheckpointError(
+                f"streaming decode needs a ByteLevel tokenizer decoder (every Qwen3.5 checkpoint has one); "
+                f"this tokenizer.json has {type(self._tok.decoder).__name__}"
+            )
+        try:
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:
+            return piece.encode()
+
+    def is_special(self, token_id: int) -> bool:
+        """True for the ids that ``decode(..., skip_special_tokens=True)`` drops (``<|im_end|>`` etc.)."""
+        return token_id in self._special_ids
 
 
 class StreamingDetokenizer:
-    """Turns ids into text pieces as they arrive, never emitting a broken UTF-8 character.
+    """Turns ids into text pieces as they arrive, never emitting part of a UTF-8 character.
 
-    Byte-level BPE splits multi-byte characters across tokens; a piece ending in U+FFFD is held back
-    until the following tokens complete it (or ``finalize`` flushes it).
+    Byte-level BPE splits multi-byte characters (emoji, CJK) across tokens. The bytes of each id go
+    through an incremental UTF-8 decoder: an incomplete character is held back until the following
+    tokens complete it; bytes that can never form a character come out as U+FFFD, as ``decode`` gives.
+    The pieces joined equal ``tokenizer.decode(ids, skip_special_tokens)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._tok = tokenizer
-        self._ids: list[int] = []
-        self._emitted = ""
+        self._skip_special = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
         """Adds one id; returns the new text that is now safe to show (possibly empty)."""
-        self._ids.append(token_id)
-        text = self._tok.decode(self._ids)
-        if text.endswith("\ufffd"):
+        if self._skip_special and self._tok.is_special(token_id):
             return ""
-        return self._take(text)
+        return self._utf8.decode(self._tok.token_bytes(token_id))
 
     def finalize(self) -> str:
-        return self._take(self._tok.decode(self._ids))
+        """Flushes bytes held back at the end (an unfinished character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
 
-    def _take(self, text: str) -> str:
-        new = text[len(self._emitted) :] if text.startswith(self._emitted) else text
-        self._emitted = text
-        # Keep the decode window short: restart after a clean boundary.
-        if len(self._ids) > 16:
-            self._ids, self._emitted = [], ""
-        return new
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable char table, which byte-level BPE vocabularies are written in."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def _read_json(path: Path) -> dict:

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.sampling import SamplingParams, filter_logits, make_sampler
+from streamer.sampling import (
+    SamplingParams,
+    apply_penalties,
+    default_sampling_params,
+    filter_logits,
+    make_sampler,
+)
 
 LOGITS = mx.array([1.0, 3.0, 2.0, 0.5, -1.0])
 PROBS = np.exp(np.array(LOGITS)) / np.exp(np.array(LOGITS)).sum()
@@ -72,5 +78,73 @@ def test_top_k_renormalises_over_kept_tokens():
     "kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1.0}]
 )
 def test_invalid_params_raise_clear_errors(kwargs):
+    with pytest.raises(ConfigError):
+        SamplingParams(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Penalties (llama.cpp / mlx-lm semantics) and defaults
+
+
+def test_penalties_match_hand_computed_logits():
+    # Context [1, 4, 1]: tokens 1 and 4 seen (1 twice, penalised once). Repetition 2: 3 -> 1.5, -1 -> -2;
+    # then presence 0.5: 1.5 -> 1.0, -2 -> -2.5. Unseen tokens keep their logits.
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5)
+    out = np.array(apply_penalties(LOGITS, [1, 4, 1], params))
+    np.testing.assert_allclose(out, [1.0, 1.0, 2.0, 0.5, -2.5])
+    np.testing.assert_allclose(np.array(LOGITS), [1.0, 3.0, 2.0, 0.5, -1.0])  # input untouched
+    only_presence = np.array(apply_penalties(LOGITS, [2], SamplingParams(presence_penalty=1.5)))
+    np.testing.assert_allclose(only_presence, [1.0, 3.0, 0.5, 0.5, -1.0])
+
+
+def test_penalties_change_the_greedy_choice_and_follow_generated_tokens():
+    # Without penalties greedy picks 1. Context {1}: 3 -> 1.0 < 2, pick 2. {1, 2}: 2 -> 0.5, token 0
+    # (1.0) ties token 1 (1.0), argmax takes the first: 0. {0, 1, 2}: 1 -> 0, so token 1 (1.0) wins.
+    sample = make_sampler(SamplingParams(0.0, repetition_penalty=2.0, presence_penalty=0.5), context=[1])
+    assert [sample(LOGITS) for _ in range(3)] == [2, 0, 1]
+    assert make_sampler(SamplingParams(0.0))(LOGITS) == 1
+
+
+def test_penalty_window_counts_only_recent_tokens():
+    params = SamplingParams(0.0, presence_penalty=10.0, penalty_window=2)
+    assert make_sampler(params, context=[1, 0, 3])(LOGITS) == 1  # 1 fell out of the window
+    assert make_sampler(params, context=[0, 1, 3])(LOGITS) == 2
+    sample = make_sampler(params, context=[9, 9, 1])
+    sample.reset_context([0, 3])
+    assert sample(LOGITS) == 1
+
+
+def test_penalised_frequencies_follow_softmax_of_penalised_logits():
+    n = 4000
+    params = SamplingParams(1.0, repetition_penalty=1.5, presence_penalty=0.4, seed=3)
+    penalised = np.array(apply_penalties(LOGITS, [1, 3], params))
+    p = np.exp(penalised) / np.exp(penalised).sum()
+    counts = Counter()
+    sample = make_sampler(params)
+    for _ in range(n):
+        sample.reset_context([1, 3])
+        counts[sample(LOGITS)] += 1
+    observed = np.array([counts[i] for i in range(len(p))]) / n
+    assert (np.abs(observed - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-3).all(), (observed, p)
+
+
+def test_defaults_come_from_generation_config_then_the_model_card():
+    assert default_sampling_params({}, thinking=True) == SamplingParams(0.6, top_p=0.95, top_k=20)
+    assert default_sampling_params({}, thinking=False) == SamplingParams(
+        0.7, top_p=0.8, top_k=20, presence_penalty=1.5
+    )
+    config = {"temperature": 0.3, "top_k": 40, "repetition_penalty": 1.1, "eos_token_id": [1]}
+    got = default_sampling_params(config, thinking=True)
+    assert (got.temperature, got.top_p, got.top_k, got.repetition_penalty) == (0.3, 0.95, 40, 1.1)
+    assert default_sampling_params({"do_sample": False, "temperature": 0.6}, thinking=True).greedy
+    assert default_sampling_params(config, thinking=False).temperature == 0.7
+    with pytest.raises(ConfigError, match="generation_config.json"):
+        default_sampling_params({"top_p": 2.0}, thinking=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"repetition_penalty": 0}, {"presence_penalty": float("nan")}, {"penalty_window": 0}]
+)
+def test_invalid_penalties_raise_clear_errors(kwargs):
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)
