@@ -98,12 +98,25 @@ def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
     except BaseException:
         runtime.close()
         raise
+    _wire_memory(packed.manifest.resident_bytes + runtime.cache.capacity_bytes)
     log.info(
         "expert cache: %.2f GB of %.2f GB experts",
         runtime.cache.capacity_bytes / 1e9,
         packed.manifest.expert_bytes / 1e9,
     )
     return Engine(model, args, Tokenizer(path), path, runtime)
+
+
+def _wire_memory(nbytes: int) -> None:
+    """On Apple GPUs, keep resident weights and the expert cache wired (not paged out under pressure).
+
+    Capped below the device's recommended working set so the OS page cache keeps room (flash-moe saw
+    wired memory squeeze the page cache into compressor thrash). A no-op on other backends.
+    """
+    if not (hasattr(mx, "metal") and mx.metal.is_available()):
+        return
+    limit = int(mx.metal.device_info().get("max_recommended_working_set_size", 0) * 0.9)  # pragma: no cover
+    mx.set_wired_limit(min(nbytes, limit) if limit else nbytes)  # pragma: no cover
 
 
 def _cache_budget(packed, args: ModelArgs, config: RuntimeConfig) -> int:
