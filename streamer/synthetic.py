@@ -396,16 +396,25 @@ def tensor_specs(param: Param, q: dict | None, dtype: mx.Dtype) -> list[TensorSp
     ]
 
 
+# Supplies float weights to write: (param, expert index or None) -> f32 array of that (slice's) shape.
+ValueFn = Callable[[Param, "int | None"], np.ndarray]
+
+
 def _stored_pieces(
-    param: Param, q: dict | None, dtype: mx.Dtype, seed: int, values: str = "float"
+    param: Param,
+    q: dict | None,
+    dtype: mx.Dtype,
+    seed: int,
+    values: str = "float",
+    value_fn: ValueFn | None = None,
 ) -> Iterator[tuple[int, list]]:
     """Yields (expert index or -1, [bytes per stored tensor]) in the order of ``tensor_specs``."""
     experts = range(param.experts) if param.experts else [None]
     for e in experts:
-        if q is not None and values == "codes":
+        if q is not None and values == "codes" and value_fn is None:
             parts = _random_codes(param, q, dtype, seed, e)
         else:
-            w = mx.array(float_value(param, seed, e))
+            w = mx.array(value_fn(param, e) if value_fn else float_value(param, seed, e))
             if not _keeps_f32(param.name):
                 w = w.astype(dtype)
             parts = [w] if q is None else list(mx.quantize(w, group_size=q["group_size"], bits=q["bits"]))
@@ -485,6 +494,8 @@ def generate(
     num_layers: int | None = None,
     max_shard_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    value_fn: ValueFn | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> Path:
     """Writes a synthetic mlx-community checkpoint to ``dst`` (which must not exist yet).
 
@@ -499,6 +510,10 @@ def generate(
         num_layers: override the preset's layer count.
         max_shard_bytes: shard size (defaults to mlx-lm's 5 GB; small values give multi-shard tests).
         progress: called with (bytes written, total bytes).
+        value_fn: float weights to export instead of random ones (e.g. a trained model), by param
+            and expert; quantized with the preset's recipe exactly like random ones.
+        tokenizer_dir: copy tokenizer.json, tokenizer_config.json and chat_template.jinja from here
+            instead of writing the preset's tokenizer.
 
     Returns:
         The checkpoint directory.
@@ -516,7 +531,14 @@ def generate(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    n_tokens = write_tokenizer_files(tmp, preset.tokenizer)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        from tokenizers import Tokenizer
+
+        n_tokens = Tokenizer.from_file(str(tmp / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    else:
+        n_tokens = write_tokenizer_files(tmp, preset.tokenizer)
     if n_tokens > preset.text_config["vocab_size"]:
         raise ValueError(
             f"tokenizer has {n_tokens} tokens but vocab_size is {preset.text_config['vocab_size']}"
@@ -537,7 +559,7 @@ def generate(
     total = sum(tensor_nbytes(s.dtype, s.shape) for s in all_specs)
     done = 0
     for p in params:
-        for expert, pieces in _stored_pieces(p, quant[p.name], mx_dtype, seed, preset.values):
+        for expert, pieces in _stored_pieces(p, quant[p.name], mx_dtype, seed, preset.values, value_fn):
             for spec, data in zip(specs[p.name], pieces, strict=True):
                 offset = max(expert, 0) * len(data)
                 files[spec.name].write(spec.name, offset, data)

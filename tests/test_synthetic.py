@@ -188,3 +188,17 @@ def test_codes_mode_gives_a_sane_model(tmp_path):
     assert abs(float(np.mean(np.array(w)))) < 0.01
     model, tokenizer = mlx_lm.load(str(ckpt))
     assert np.isfinite(np.array(model(mx.array([[1, 2, 3]])))).all()
+
+
+def test_value_fn_exports_given_weights_with_the_same_recipe(tmp_path):
+    """Trained weights go through the same quantization path: feeding the seed's values reproduces it."""
+    from streamer.synthetic import float_value
+
+    ref = generate(tmp_path / "ref", "tiny", seed=4)
+    doubled = generate(tmp_path / "x2", "tiny", seed=4, value_fn=lambda p, e: float_value(p, 4, e))
+    same = generate(
+        tmp_path / "same", "tiny", seed=99, value_fn=lambda p, e: float_value(p, 4, e), tokenizer_dir=ref
+    )
+    shard = "model-00001-of-00001.safetensors"
+    assert (ref / shard).read_bytes() == (doubled / shard).read_bytes() == (same / shard).read_bytes()
+    assert (same / "tokenizer.json").read_text() == (ref / "tokenizer.json").read_text()
