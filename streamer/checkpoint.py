@@ -105,6 +105,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     config_path = path / "config.json"
+    if (path / "manifest.json").is_file() and (path / "resident.safetensors").is_file():
+        raise CheckpointError(f"{path} is already a packed model: use it directly (streamer info {path})")
     if not config_path.is_file():
         raise CheckpointError(f"{path}: not a checkpoint (no config.json)")
     raw_config = config_path.read_bytes()

@@ -5,6 +5,7 @@ Sources are synthetic mlx-community checkpoints built in tmp dirs with small sha
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -237,7 +238,7 @@ def test_resume_is_byte_identical(reference, tmp_path, small_groups, interrupt):
         open_packed(dst)
     result = _repack(src, dst)
     assert result.status == "resumed" and _tree(dst) == want
-    assert _repack(src, dst).status == "already packed"
+    assert _repack(src, dst).status == "already packed" and _tree(dst) == want
 
 
 def test_resume_after_truncated_partial_and_damaged_layer(reference, tmp_path, small_groups):
@@ -452,6 +453,11 @@ def test_unexpected_tensors_are_clear_errors(sources, tmp_path, edit, message):
         make_plan(src, tmp_path / "out")
 
 
+def test_packed_dir_is_not_a_source(packed):
+    with pytest.raises(CheckpointError, match="already a packed model"):
+        make_plan(packed, packed.parent / "again")
+
+
 def test_missing_source_path_and_hub_id(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match="no such directory"):
@@ -465,7 +471,7 @@ def test_full_disk_is_refused_before_writing(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(DestinationError, match=r"need 0\.00 GB, 0\.00 GB free"):
         _repack(sources("tiny"), tmp_path / "out")
-    assert not (tmp_path / "out" / PROGRESS_FILE).exists() and not (tmp_path / "out" / MANIFEST_FILE).exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_disk_full_mid_write_then_resume(reference, tmp_path, monkeypatch):
@@ -496,6 +502,11 @@ def test_refuses_to_overwrite_another_model(sources, tmp_path):
         _repack(sources("q8"), tmp_path / "partial", after_layer=_interrupt_after_layer(0))
     with pytest.raises(DestinationError, match="interrupted repack of q8"):
         _repack(sources("reap"), tmp_path / "partial")
+    (tmp_path / "locked").mkdir()
+    with open(tmp_path / "locked" / ".repack.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(DestinationError, match="another streamer repack is writing here"):
+            _repack(sources("tiny"), tmp_path / "locked")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("mine")
     with pytest.raises(DestinationError, match="not a streamer packed model"):
