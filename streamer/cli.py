@@ -50,6 +50,7 @@ def _register() -> None:
     from . import (
         cli_generate,  # noqa: F401
         cli_repack,  # noqa: F401
+        cli_serve,  # noqa: F401
         cli_synthetic,  # noqa: F401
     )
 
