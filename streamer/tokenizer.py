@@ -105,13 +105,15 @@ class Tokenizer:
         return StreamingDetokenizer(self, skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one id decodes to (part of a character for byte-level BPE), as ``decode`` joins them."""
+        """The bytes one id decodes to (part of a character for byte-level BPE), as ``decode`` joins them.
+
+        Ids past the tokenizer's vocabulary (the model's embedding is padded beyond it) decode to nothing,
+        as ``decode`` skips them.
+        """
         cached = self._bytes.get(token_id)
         if cached is None:
             piece = self._tok.id_to_token(token_id)
-            if piece is None:
-                raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
-            cached = self._bytes[token_id] = self._piece_bytes(piece)
+            cached = self._bytes[token_id] = b"" if piece is None else self._piece_bytes(piece)
         return cached
 
     def _piece_bytes(self, piece: str) -> bytes:
