@@ -104,7 +104,7 @@ def model_identity(path: str | os.PathLike) -> dict:
             with open(f, "rb") as fh:
                 fh.seek(max(0, size - 65536))
                 h.update(f"{f.name}:{size}:".encode() + fh.read())
-    return {"name": path.name, "fingerprint": h.hexdigest()}
+    return {"name": path.name, "path": str(path.resolve()), "fingerprint": h.hexdigest()}
 
 
 def check_compatible(state: SessionState, identity: dict, dtype: str, source: str) -> None:
@@ -112,10 +112,9 @@ def check_compatible(state: SessionState, identity: dict, dtype: str, source: st
     saved = state.model
     if saved.get("fingerprint") != identity["fingerprint"]:
         raise SessionError(
-            f"{source} was saved with model {saved.get('name')!r} "
-            f"(fingerprint {str(saved.get('fingerprint'))[:12]}), not with this one, {identity['name']!r} "
-            f"({identity['fingerprint'][:12]}); its state is meaningless here: run `streamer chat "
-            f"{saved.get('name')}` to load it"
+            f"{source} was saved with model {saved.get('name')!r} ({saved.get('path')}), not with this "
+            f"one ({identity['name']!r}): its state means nothing to another model; load it in "
+            f"`streamer chat {saved.get('path') or saved.get('name')}`"
         )
     if state.dtype != dtype:
         raise SessionError(
