@@ -191,13 +191,18 @@ class ChatSession:
             raise ConfigError("empty message")
         self._stop.clear()
         self.messages.append({"role": "user", "content": text})
-        ids, boundary, thinks = self._render()
-        turn = TurnStats(prompt_tokens=len(ids), reused=self._reuse(ids))
-        turn.prefilled_tokens = len(ids) - len(self.cached_ids)
+        try:
+            ids, boundary, thinks = self._render()
+        except BaseException:
+            self.messages.pop()  # e.g. a template error: the conversation stays as it was
+            raise
+        turn = TurnStats(prompt_tokens=len(ids))
         self.turns.append(turn)
         before, start = self._expert_stats(), time.perf_counter()
         reply = _Reply(self.tokenizer, thinks)
         try:
+            turn.reused = self._reuse(ids)
+            turn.prefilled_tokens = len(ids) - len(self.cached_ids)
             self._prefill_to(ids, boundary if boundary is not None else len(ids) - 1)
             yield from self._decode(ids, reply, turn, start)
         except (_Stopped, GeneratorExit) as e:
@@ -286,7 +291,7 @@ class ChatSession:
     def _prefill_to(self, ids: list[int], end: int) -> None:
         """Prefills ``ids[len(cached_ids):end]`` chunk by chunk, then snapshots the state at ``end``."""
         start = len(self.cached_ids)
-        todo = len(ids) - start
+        todo = end - start  # (the few generation-prompt tokens after ``end`` go with the first decode)
         for pos in range(start, end, PREFILL_CHUNK):
             piece = ids[pos : min(pos + PREFILL_CHUNK, end)]
             prefill(self.engine.model, piece, self.cache, chunk=PREFILL_CHUNK)

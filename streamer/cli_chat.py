@@ -53,9 +53,19 @@ _VISIBLE |= {c: 0xFFFD for c in range(0x80, 0xA0)}
     help="Most tokens per answer, thinking included.",
 )
 @click.option("--temp", type=click.FloatRange(min=0), default=None, help="Temperature; 0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Keep the likeliest tokens up to this mass.",
+)
 @click.option("--top-k", type=click.IntRange(min=0), default=None, help="0 = off.")
-@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=None)
+@click.option(
+    "--min-p",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="Drop tokens less likely than this fraction of the likeliest.",
+)
 @click.option("--presence-penalty", type=float, default=None, help="Subtracted from recent tokens' logits.")
 @click.option(
     "--repetition-penalty",

@@ -200,6 +200,33 @@ def test_interrupt_inside_a_model_call_recovers_the_last_snapshot(engine, calls_
     assert turn.token_ids == one_shot(engine, session.messages[:-1], max_tokens=6)
 
 
+@pytest.mark.parametrize(
+    "color, hide, expected",
+    [
+        (False, False, "<think>\nLet me think.\n</think>\n\nSure, here it is.\n"),
+        (True, False, "\x1b[2mLet me think.\n\x1b[0m\nSure, here it is.\n"),
+        (True, True, "Sure, here it is.\n"),
+    ],
+)
+def test_thinking_is_tagged_dimmed_or_hidden_and_kept_apart_in_history(engine, capsys, color, hide, expected):
+    from streamer.cli_chat import _ChatLoop
+
+    tok = engine.tokenizer
+    forced = [*tok.encode("Let me think.\n"), tok.token_id("</think>"), *tok.encode("\n\nSure, here it is.")]
+    session = ChatSession(engine, GREEDY, sampler=ForcedSampler([*forced, tok.token_id("<|im_end|>")]))
+    loop = _ChatLoop(session, hide_thinking=hide)
+    loop.color = color
+    loop._answer("hi")
+    captured = capsys.readouterr()
+    assert captured.out == expected
+    assert captured.err.startswith(f"[{len(forced) + 1} tokens, ")
+    assert session.messages[-1] == {
+        "role": "assistant",
+        "content": "Sure, here it is.",
+        "reasoning_content": "Let me think.",
+    }
+
+
 def test_empty_message_is_refused(engine):
     from streamer.errors import ConfigError
 
@@ -241,13 +268,15 @@ def test_pipe_one_message_per_line_with_commands_and_bad_input(model, engine, en
 
 
 def test_pipe_no_think_hide_thinking_and_flags(model, env):
+    long_line = " ".join(f"word{i}" for i in range(140)).encode()  # ~600 tokens: a progress line
     r = chat_cli(
         [str(model), "--no-think", "--hide-thinking", "-n", "5", "--temp", "0.8", "--top-k", "5"],
-        b"hi\nhi again\n",
+        b"hi\n" + long_line + b"\n",
         env,
     )
     assert r.returncode == 0, r.stderr.decode()
     assert "<think>" not in r.stdout.decode()
+    assert "prefill 512/" in r.stderr.decode() and " tokens (100%)" in r.stderr.decode()
     bad = chat_cli([str(model), "--top-p", "0"], b"hi\n", env)
     assert bad.returncode == 2 and "--top-p" in bad.stderr.decode()
 
