@@ -121,6 +121,15 @@ def test_loaded_session_gives_the_same_next_tokens_as_an_uninterrupted_one(engin
     assert resumed.turns[0].reused == "snapshot"  # the boundary state came back from the file too
 
 
+def test_a_session_saved_before_any_turn_loads_and_runs(engine, tmp_path):
+    fresh = ChatSession(engine, GREEDY, max_tokens=4, system="Hi.")
+    write_session(tmp_path / "f.session", fresh.export_state())
+    resumed = ChatSession(engine, GREEDY, max_tokens=4)
+    resumed.import_state(read_session(tmp_path / "f.session"))
+    assert resumed.system == "Hi." and resumed.cached_ids == []
+    assert _turn(resumed, "hello") == _turn(fresh, "hello")
+
+
 def test_sessions_live_in_the_data_dir_under_safe_names(home):
     assert session_path("work-1.2_x") == home / "sessions" / "work-1.2_x.session"
     for bad in ["", "../x", "a/b", ".hidden", "-x", "a b", "x" * 101]:
