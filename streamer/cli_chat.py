@@ -23,7 +23,7 @@ from .sampling import default_sampling_params
 from .session import list_sessions, read_session, session_path, write_session
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-PROMPT = ">>> "
+PROMPT, CONTINUE = ">>> ", "... "
 HELP = """commands:
   /reset         forget the conversation (keeps the system prompt)
   /system TEXT   set the system prompt (/system alone removes it)
@@ -32,7 +32,8 @@ HELP = """commands:
   /stats         totals for this session: tokens, speed, expert cache hit rate, GB read
   /help          this list
   /quit          exit (also Ctrl-D, or Ctrl-C at the prompt)
-Ctrl-C during an answer stops it. Start a message with // to send a line that begins with /."""
+Ctrl-C during an answer stops it. Start a message with // to send a line that begins with /.
+On a terminal, end a line with \\ to continue the message on the next, or wrap it in \"\"\" ... \"\"\"."""
 COMMANDS = ("/reset", "/system", "/save", "/load", "/stats", "/help", "/quit")
 # On a terminal, control characters the model writes (ESC above all) are shown as symbols, not obeyed.
 _VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {0x7F: 0x2421}
@@ -168,15 +169,13 @@ class _ChatLoop:
     # ---- input --------------------------------------------------------------------------------------
 
     def _read(self) -> str | None:
-        """One line without its newline; None when it could not be decoded (already reported)."""
+        """One message without its newline; None when it could not be decoded (already reported)."""
         if self.interactive:
             try:
-                text = input(PROMPT)
-                text.encode("utf-8")  # lone surrogates when the terminal sent bytes that are not UTF-8
+                return self._read_typed()
             except UnicodeError:
                 self._note("that line is not valid UTF-8; it was ignored (check the terminal's encoding)")
                 return None
-            return text
         raw = sys.stdin.buffer.readline()
         if not raw:
             raise EOFError
@@ -185,6 +184,20 @@ class _ChatLoop:
         except UnicodeDecodeError as e:
             self._note(f"input line is not valid UTF-8 ({e.reason} at byte {e.start}); it was ignored")
             return None
+
+    def _read_typed(self) -> str:
+        """A typed message: one line, lines joined by a trailing backslash, or a \"\"\" ... \"\"\" block."""
+        lines = [_checked(input(PROMPT))]
+        if lines[0].startswith('"""'):
+            lines[0] = lines[0][3:]
+            while not lines[-1].endswith('"""'):
+                lines.append(_checked(input(CONTINUE)))
+            lines[-1] = lines[-1][:-3]
+            return "\n".join(lines).strip("\n")
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(_checked(input(CONTINUE)))
+        return "\n".join(lines)
 
     # ---- commands -----------------------------------------------------------------------------------
 
@@ -348,3 +361,8 @@ class _ChatLoop:
 
     def _note(self, text: str) -> None:
         click.echo(text, err=True)
+
+
+def _checked(line: str) -> str:
+    line.encode("utf-8")  # lone surrogates when the terminal sent bytes that are not UTF-8
+    return line

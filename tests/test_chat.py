@@ -227,6 +227,23 @@ def test_thinking_is_tagged_dimmed_or_hidden_and_kept_apart_in_history(engine, c
     }
 
 
+@pytest.mark.parametrize(
+    "typed, message",
+    [
+        (["plain"], "plain"),
+        (['"""', "first", "", 'second"""'], "first\n\nsecond"),
+        (['"""one line"""'], "one line"),
+        (["a \\", "b\\", "c"], "a \nb\nc"),
+    ],
+)
+def test_typed_messages_span_lines_with_triple_quotes_or_backslashes(engine, monkeypatch, typed, message):
+    from streamer.cli_chat import _ChatLoop
+
+    lines = iter(typed)
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    assert _ChatLoop(ChatSession(engine, GREEDY), hide_thinking=False)._read_typed() == message
+
+
 def test_empty_message_is_refused(engine):
     from streamer.errors import ConfigError
 
@@ -365,10 +382,18 @@ def test_terminal_ctrl_c_stops_the_answer_then_the_chat_goes_on(model, env):
     assert b"Traceback" not in term.seen
 
 
-def test_terminal_ctrl_d_exits(model, env):
+def test_terminal_multi_line_messages_quit_and_ctrl_d(model, env):
     term = Terminal([str(model), "--temp", "0", "-n", "3"], env)
     try:
         term.expect(b">>> ")
+        term.send(b'"""/system one\n')  # a message over several lines (here, a command)
+        term.expect(b"... ")
+        term.send(b'two"""\n')
+        assert b"system prompt set" in term.expect(b">>> ")
+        term.send(b"/system a\\\n")  # a trailing backslash continues the line
+        term.expect(b"... ")
+        term.send(b"b\n")
+        assert b"system prompt set" in term.expect(b">>> ")
         term.send(b"/quit\n")
         assert term.close() == 0
         term = Terminal([str(model)], env)
