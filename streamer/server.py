@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 
 from . import api_anthropic, api_openai
 from .api_common import ApiContext, ApiError, EventStream, JsonResponse, ServeSettings
-from .server_worker import GenerationWorker, PrefixCache, ScriptedModel
+from .prefix_cache import PrefixCache
+from .server_worker import GenerationWorker, ScriptedModel
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: many clients may connect at once and queue
 
     def __init__(self, address, app: App):
         self.app = app

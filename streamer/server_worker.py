@@ -4,26 +4,25 @@ HTTP handlers never touch MLX: they submit a ``Job`` and read its ``events`` que
 then one ``Finished`` or ``Failed``). Jobs run one at a time in arrival order; setting
 ``job.cancelled`` stops a job between tokens (or between prefill chunks), or skips it while queued.
 
-Prefix reuse on a hybrid model: a KV cache can be cut back to any length, a DeltaNet state cannot, so
-a prompt can only resume from a snapshot taken exactly at one of its prefixes. The worker snapshots
-every layer's state at the boundaries a request names (the end of the conversation before the new
-answer starts) and at the end of each answer, keyed by the token ids fed so far; a request restores
-the longest snapshot whose ids are a strict prefix of its prompt and prefills only the rest.
+Prefix reuse (see ``prefix_cache``): the worker snapshots the model state at the boundaries a request
+names (the end of the conversation before the new answer starts) and at the end of each answer, keyed
+by the token ids fed so far; a request restores the longest snapshot whose ids are a strict prefix of
+its prompt and prefills only the rest.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 
 from .generate import GenerationResponse, prefill, stream_generate
+from .prefix_cache import ModelState, PrefixCache, capture_state, restore_state
 from .sampling import SamplingParams, make_sampler
 
 log = logging.getLogger(__name__)
@@ -112,66 +111,6 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
-
-
-@dataclass
-class Snapshot:
-    ids: tuple[int, ...]
-    states: list  # one KVSnapshot / DeltaNetSnapshot per layer
-    nbytes: int
-
-
-class PrefixCache:
-    """Snapshots of model state keyed by the token ids that produced them; LRU within bytes and count."""
-
-    def __init__(self, max_bytes: int, max_entries: int = 32):
-        self.max_bytes, self.max_entries = max_bytes, max_entries
-        self._entries: OrderedDict[tuple[int, ...], Snapshot] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, ids: Sequence[int]) -> bool:
-        return tuple(ids) in self._entries
-
-    def lookup(self, ids: Sequence[int]) -> Snapshot | None:
-        """The longest snapshot whose ids are a strict prefix of ``ids`` (one token is left to run)."""
-        for n in sorted({len(k) for k in self._entries}, reverse=True):
-            if n < len(ids) and (snap := self._entries.get(tuple(ids[:n]))) is not None:
-                self._entries.move_to_end(snap.ids)
-                self.hits += 1
-                return snap
-        self.misses += 1
-        return None
-
-    def store(self, ids: Sequence[int], states: list, nbytes: int) -> bool:
-        """Keeps a snapshot, evicting the least recently used ones over budget; False if it cannot fit."""
-        key = tuple(ids)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return True
-        if nbytes > self.max_bytes or self.max_entries < 1:
-            return False
-        self._entries[key] = Snapshot(key, states, nbytes)
-        self.bytes += nbytes
-        while self.bytes > self.max_bytes or len(self._entries) > self.max_entries:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.nbytes
-            self.evictions += 1
-        return True
-
-    def stats(self) -> dict:
-        return {
-            "entries": len(self._entries),
-            "bytes": self.bytes,
-            "max_bytes": self.max_bytes,
-            "max_entries": self.max_entries,
-            "hits": self.hits,
-            "misses": self.misses,
-            "evictions": self.evictions,
-        }
 
 
 class GenerationWorker:
@@ -321,12 +260,11 @@ class GenerationWorker:
         """Restores the best snapshot, prefills to each boundary (snapshotting), then generates."""
         engine, ids = self.engine, job.prompt_ids
         cache = engine.model.make_cache()
-        start = 0
+        state = None  # the last snapshot this job's cache descends from (its KV segments are shared)
         if (hit := self.prefix_cache.lookup(ids)) is not None:
-            from .models.cache import restore_caches
-
-            restore_caches(cache, hit.states)
-            start = len(hit.ids)
+            state = hit.state
+            restore_state(cache, state)
+        start = state.length if state else 0
         usage.cached_tokens, usage.prefilled_tokens = start, len(ids) - start
 
         def check(_done: int, _total: int) -> None:
@@ -336,10 +274,10 @@ class GenerationWorker:
         for boundary in sorted(set(job.snapshot_at)):
             if start < boundary < len(ids):
                 prefill(engine.model, ids[start:boundary], cache, progress=check)
-                self._remember(ids[:boundary], cache)
+                state = self._remember(ids[:boundary], cache, state)
                 start = boundary
         tokenizer = _WithoutEos(engine.tokenizer) if job.ignore_eos else engine.tokenizer
-        sampler = make_sampler(job.sampling)
+        sampler = make_sampler(job.sampling, context=ids)
         generated: list[int] = []
         tokens = stream_generate(
             engine.model, tokenizer, ids[start:], sampler, job.max_tokens, cache=cache, prefill_progress=check
@@ -351,23 +289,16 @@ class GenerationWorker:
         except GeneratorExit:
             tokens.close()
             # The last sampled token was never fed: the cache holds the prompt and the tokens before it.
-            self._remember([*ids, *generated[:-1]], cache)
+            self._remember([*ids, *generated[:-1]], cache, state)
             raise
-        self._remember([*ids, *generated[:-1]], cache)
+        self._remember([*ids, *generated[:-1]], cache, state)
 
-    def _remember(self, ids: list[int], cache: list) -> None:
+    def _remember(self, ids: list[int], cache: list, base: ModelState | None) -> ModelState | None:
+        """Snapshots the cache (which has seen ``ids``); returns the state later snapshots build on."""
         if self.prefix_cache.max_bytes <= 0 or ids in self.prefix_cache:
-            return
-        import mlx.core as mx
-
-        from .models.cache import snapshot_caches
-
-        states = snapshot_caches(cache)
-        arrays = [
-            a for s in states for f in dataclasses.fields(s) if isinstance(a := getattr(s, f.name), mx.array)
-        ]
-        mx.eval(arrays)
-        self.prefix_cache.store(ids, states, sum(a.nbytes for a in arrays))
+            return base
+        state, own_bytes = capture_state(cache, base)
+        return state if self.prefix_cache.store(ids, state, own_bytes, state.segments) else base
 
     def _scripted_stream(self, job: Job, usage: Usage) -> Iterator[GenerationResponse]:
         usage.prefilled_tokens = len(job.prompt_ids)

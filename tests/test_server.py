@@ -23,10 +23,11 @@ import pytest
 
 from streamer.engine import load_engine
 from streamer.generate import stream_generate
+from streamer.prefix_cache import PrefixCache
 from streamer.repack import make_plan, run_repack
 from streamer.sampling import SamplingParams, make_sampler
 from streamer.server import ServeConfig, start_server
-from streamer.server_worker import Finished, GenerationWorker, Job, Piece, PrefixCache, StopMatcher
+from streamer.server_worker import Finished, GenerationWorker, Job, Piece, StopMatcher
 from streamer.synthetic import generate
 
 GREEDY = {"temperature": 0}
@@ -258,6 +259,17 @@ def test_worker_resumes_from_the_end_of_an_answer(packed):
         assert second.usage.cached_tokens == len(prompt) + 7 - 1  # the last sampled token was never fed
         assert reference.usage.cached_tokens == 0
         assert second.token_ids == reference.token_ids
+        # A third turn restores KV from two segments (the first answer's and the second's).
+        longer = [*extended, *second.token_ids, 31]
+        third, reference = run(cached, longer, 4), run(fresh, longer, 4)
+        assert third.usage.cached_tokens == len(extended) + 5 - 1
+        assert third.token_ids == reference.token_ids
+        (latest,) = [s for s in cached.prefix_cache._entries.values() if len(s.ids) == len(longer) + 3]
+        assert [(seg.start, seg.end) for seg in latest.state.segments] == [
+            (0, len(prompt) + 6),
+            (len(prompt) + 6, len(extended) + 4),
+            (len(extended) + 4, len(longer) + 3),
+        ]
     finally:
         cached.close(), fresh.close()
 
@@ -265,8 +277,8 @@ def test_worker_resumes_from_the_end_of_an_answer(packed):
 def test_prefix_cache_lru_within_budget():
     cache = PrefixCache(max_bytes=100, max_entries=3)
     assert cache.store([1, 2], ["a"], 40) and cache.store([1, 2, 3, 4], ["b"], 40)
-    assert cache.lookup([1, 2, 3, 4, 5]).states == ["b"]  # the longest strict prefix
-    assert cache.lookup([1, 2, 3, 4]).states == ["a"]  # never the whole prompt: one token must run
+    assert cache.lookup([1, 2, 3, 4, 5]).state == ["b"]  # the longest strict prefix
+    assert cache.lookup([1, 2, 3, 4]).state == ["a"]  # never the whole prompt: one token must run
     assert cache.lookup([1, 9]) is None and cache.lookup([1]) is None
     cache.store([7, 7], ["c"], 40)  # over 100 bytes: the least recently used ([1, 2, 3, 4]) goes
     assert [1, 2, 3, 4] not in cache and [1, 2] in cache and cache.bytes == 80
@@ -274,6 +286,27 @@ def test_prefix_cache_lru_within_budget():
     for i in range(5):
         cache.store([9, i], [i], 1)
     assert len(cache) == 3 and cache.stats()["evictions"] == 1 + 4
+
+
+def test_prefix_cache_counts_shared_parts_once():
+    class Part:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+    a, b, c = Part(30), Part(20), Part(20)
+    cache = PrefixCache(max_bytes=100)
+    cache.store([1], "s1", 5, (a,))
+    cache.store([1, 2], "s2", 5, (a, b))  # a conversation's later turn shares the first segment
+    assert cache.bytes == 5 + 5 + 30 + 20
+    assert not cache.store([9], "big", 90, (c,))  # 110 with its shared part: over budget alone
+    cache.store([1, 2, 3], "s3", 5, (a, b, c))
+    assert cache.bytes == 15 + 70
+    cache.store([4], "s4", 20)  # over 100: the oldest goes, but its segment lives on in s2 and s3
+    assert [1] not in cache and cache.bytes == 10 + 70 + 20
+    cache.store([5], "s5", 5)  # s2 goes, yet frees only its own 5: b is still held by s3
+    assert [1, 2] not in cache and cache.bytes == 5 + 70 + 20 + 5
+    cache.store([6], "s6", 5)  # s3 goes with the last references to a, b and c
+    assert list(cache._entries) == [(4,), (5,), (6,)] and cache.bytes == 30
 
 
 def test_stop_matcher_across_pieces():
@@ -551,7 +584,8 @@ def test_twenty_concurrent_clients(server):
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors and len(answers) == 20 and all(1 <= n <= 3 for n in answers)
+    assert not errors, errors
+    assert len(answers) == 20 and all(1 <= n <= 3 for n in answers), answers
     assert stats(server)["totals"]["requests"] - before == 20
 
 
