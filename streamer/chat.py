@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .engine import Engine
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .generate import PREFILL_CHUNK, prefill, stream_generate
 from .models.cache import KVCache, KVSnapshot, restore_caches, snapshot_caches
 from .sampling import SamplingParams, TokenSampler, default_sampling_params, make_sampler
@@ -142,6 +142,11 @@ class ChatSession:
     ):
         if max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+        if engine.tokenizer.chat_template is None:
+            raise CheckpointError(
+                f"{engine.path} has no chat template (chat_template.jinja or tokenizer_config.json), so it "
+                "cannot chat; use `streamer generate --raw` for plain completion"
+            )
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.enable_thinking = enable_thinking

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 
@@ -137,7 +138,8 @@ class _ChatLoop:
         self.session = session
         self.hide_thinking = hide_thinking
         self.interactive = sys.stdin.isatty()
-        self.color = sys.stdout.isatty()
+        self.tty = sys.stdout.isatty()
+        self.color = self.tty and not os.environ.get("NO_COLOR")  # https://no-color.org
         self._stderr_tty = sys.stderr.isatty()
         session.prefill_progress = self._progress
         self._shown = ""  # kind of the text printed last in this answer
@@ -250,7 +252,7 @@ class _ChatLoop:
 
     def _answer(self, text: str) -> None:
         self._shown, self._last_char = "", "\n"
-        error = None
+        error, turns = None, len(self.session.turns)
         with _StopOnInterrupt(self.session):
             try:
                 with contextlib.closing(self.session.send(text)) as chunks:
@@ -264,7 +266,8 @@ class _ChatLoop:
                 self._end_answer()
         if error:
             self._note(f"error: {error}")
-        self._note(self._turn_line(self.session.turns[-1]))
+        if len(self.session.turns) > turns:
+            self._note(self._turn_line(self.session.turns[-1]))
 
     def _show(self, chunk: ChatChunk) -> None:
         if chunk.kind == "thinking" and self.hide_thinking:
@@ -273,7 +276,7 @@ class _ChatLoop:
         if chunk.kind != self._shown:
             out.append(self._switch(chunk.kind))
             self._shown = chunk.kind
-        out.append(chunk.text.translate(_VISIBLE) if self.color else chunk.text)
+        out.append(chunk.text.translate(_VISIBLE) if self.tty else chunk.text)
         text = "".join(out)
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -215,7 +215,7 @@ def test_thinking_is_tagged_dimmed_or_hidden_and_kept_apart_in_history(engine, c
     forced = [*tok.encode("Let me think.\n"), tok.token_id("</think>"), *tok.encode("\n\nSure, here it is.")]
     session = ChatSession(engine, GREEDY, sampler=ForcedSampler([*forced, tok.token_id("<|im_end|>")]))
     loop = _ChatLoop(session, hide_thinking=hide)
-    loop.color = color
+    loop.tty = loop.color = color
     loop._answer("hi")
     captured = capsys.readouterr()
     assert captured.out == expected
@@ -244,11 +244,14 @@ def test_typed_messages_span_lines_with_triple_quotes_or_backslashes(engine, mon
     assert _ChatLoop(ChatSession(engine, GREEDY), hide_thinking=False)._read_typed() == message
 
 
-def test_empty_message_is_refused(engine):
-    from streamer.errors import ConfigError
+def test_empty_message_and_a_checkpoint_without_template_are_refused(engine, monkeypatch):
+    from streamer.errors import CheckpointError, ConfigError
 
     with pytest.raises(ConfigError, match="empty"):
         list(ChatSession(engine, GREEDY).send("   "))
+    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
+    with pytest.raises(CheckpointError, match="no chat template"):
+        ChatSession(engine, GREEDY)
 
 
 # ---------------------------------------------------------------------------------------------------------
