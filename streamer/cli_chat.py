@@ -328,7 +328,7 @@ class _ChatLoop:
     def _totals_line(self) -> str:
         tot = self.session.totals()
         parts = [
-            f"{tot['turns']} turns",
+            f"{tot['turns']} turn{'' if tot['turns'] == 1 else 's'}",
             f"generated {tot['generated_tokens']} tokens, "
             f"{tot['generated_tokens'] / max(tot['decode_s'], 1e-9):.1f} tok/s",
             f"prefilled {tot['prefilled_tokens']} tokens, "

@@ -277,7 +277,7 @@ def test_pipe_one_message_per_line_with_commands_and_bad_input(model, engine, en
     assert "unknown command /bogus; commands: /reset /system /save /load /stats /help /quit" in err
     assert "not valid UTF-8" in err and "ignored" in err
     assert err.count(" tok/s (stopped: --max-tokens) | prompt") + err.count(" tok/s | prompt") == 2
-    assert "1 turns | generated " in err
+    assert "1 turn | generated " in err
     # Greedy answers equal the library's, thinking between tags (stdout is not a terminal).
     session = ChatSession(engine, GREEDY, max_tokens=6)
     expected = ""
@@ -372,7 +372,7 @@ def test_terminal_ctrl_c_stops_the_answer_then_the_chat_goes_on(model, env):
         assert b"(interrupted)" in answer and b"\x1b[0m" in answer
         assert b"\x1b" not in answer.rsplit(b"\x1b[0m", 1)[0]  # the model's own ESCs are made visible
         term.send(b"/stats\n")
-        assert b"1 turns" in term.expect(b">>> ")
+        assert b"1 turn |" in term.expect(b">>> ")
         term.send(b"\xff\xfe\n")
         assert b"not valid UTF-8" in term.expect(b">>> ")
         term.send(b"go on\n")
