@@ -15,6 +15,7 @@ from .api_common import (
     ApiError,
     EventStream,
     Fields,
+    Heartbeat,
     JsonResponse,
     Prompt,
     answer_events,
@@ -57,7 +58,7 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         ignore_eos=f.flag("ignore_eos"),
         label=mid,
     )
-    events = answer_events(run_job(ctx.worker, job, ctx.client_gone), OutputParser(prompt.thinking, tools))
+    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools))
     head = {"id": mid, "type": "message", "role": "assistant", "model": model}
     if f.flag("stream"):
         return EventStream(_stream(head, events, len(prompt.ids)))
@@ -85,6 +86,8 @@ def _answer(head: dict, events) -> JsonResponse | None:
     for event in events:
         if isinstance(event, Finished):
             finished = event
+        elif isinstance(event, Heartbeat):
+            continue
         elif event.kind == "tool_call":
             content.append(_tool_use(event.call))
         else:
@@ -120,6 +123,9 @@ def _stream(head: dict, events, prompt_tokens: int):
     index, open_kind, used_tools = -1, None, False
     try:
         for delta in events:
+            if isinstance(delta, Heartbeat):
+                yield event("ping")
+                continue
             if isinstance(delta, Finished):
                 if open_kind:
                     yield from _close(event, index, open_kind)

@@ -31,7 +31,7 @@ SAMPLING_FIELDS = {
     "min_p": (float, 0.0, 1.0),
     "presence_penalty": (float, -2.0, 2.0),
     "repetition_penalty": (float, 0.0, None),
-    "seed": (int, None, None),
+    "seed": (int, 0, 2**64 - 1),
 }
 
 
@@ -57,6 +57,7 @@ class ServeSettings:
     sampling_overrides: dict = field(default_factory=dict)  # SamplingParams fields set by flags
     api_key: str | None = None
     generation_config: dict = field(default_factory=dict)
+    heartbeat_s: float = 10.0  # a stream idle this long (queued, long prefill) gets a keep-alive
 
     @property
     def model_id(self) -> str:
@@ -219,19 +220,28 @@ def make_id(prefix: str) -> str:
 ClientGone = Callable[[], bool]
 
 
-def run_job(worker: GenerationWorker, job: Job, client_gone: ClientGone, poll_s: float = 0.2) -> Iterator:
-    """Submits ``job`` and yields its ``Piece`` / ``Finished`` events.
+class Heartbeat:
+    """Nothing new for a while (queued, or a long prefill): streams send a keep-alive."""
+
+
+HEARTBEAT = Heartbeat()
+
+
+def run_job(ctx: ApiContext, job: Job, poll_s: float = 0.2) -> Iterator:
+    """Submits ``job`` and yields its ``Piece`` / ``Finished`` events, and ``HEARTBEAT`` when idle.
 
     Cancels the job when the client disconnects (checked every ``poll_s`` while waiting) or when the
     consumer stops early (a failed write closes this generator). A worker failure raises ApiError 500.
     """
-    worker.submit(job)
+    client_gone, heartbeat_s = ctx.client_gone, ctx.settings.heartbeat_s
+    ctx.worker.submit(job)
     finished = False
-    checked = time.monotonic()
+    checked = last_event = time.monotonic()
     try:
         while True:
             try:
                 event = job.events.get(timeout=poll_s)
+                last_event = time.monotonic()
             except queue.Empty:
                 event = None
             if time.monotonic() - checked >= poll_s:
@@ -239,6 +249,9 @@ def run_job(worker: GenerationWorker, job: Job, client_gone: ClientGone, poll_s:
                 if client_gone():
                     return
             if event is None:
+                if time.monotonic() - last_event >= heartbeat_s:
+                    last_event = time.monotonic()
+                    yield HEARTBEAT
                 continue
             if isinstance(event, Failed):
                 finished = True
@@ -252,10 +265,12 @@ def run_job(worker: GenerationWorker, job: Job, client_gone: ClientGone, poll_s:
             job.cancelled.set()
 
 
-def answer_events(events: Iterator, parser: OutputParser | None) -> Iterator[Delta | Finished]:
+def answer_events(events: Iterator, parser: OutputParser | None) -> Iterator[Delta | Finished | Heartbeat]:
     """Worker events as answer deltas (reasoning / content / tool calls), then the Finished event."""
     for event in events:
-        if isinstance(event, Piece):
+        if isinstance(event, Heartbeat):
+            yield event
+        elif isinstance(event, Piece):
             if parser is None:
                 yield Delta("content", event.text)
             else:
@@ -274,9 +289,9 @@ class JsonResponse:
 
 @dataclass
 class EventStream:
-    """A server-sent event stream: (event name or None, data text) pairs."""
+    """A server-sent event stream: (event name or None, data text) pairs; data None is a keep-alive."""
 
-    events: Iterator[tuple[str | None, str]]
+    events: Iterator[tuple[str | None, str | None]]
 
 
 @dataclass

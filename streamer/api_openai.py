@@ -16,6 +16,7 @@ from .api_common import (
     ApiError,
     EventStream,
     Fields,
+    Heartbeat,
     JsonResponse,
     answer_events,
     completion_budget,
@@ -69,7 +70,7 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
         ignore_eos=f.flag("ignore_eos"),
         label=cid,
     )
-    events = answer_events(run_job(ctx.worker, job, ctx.client_gone), OutputParser(prompt.thinking, tools))
+    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools))
     head = {"id": cid, "created": int(time.time()), "model": model}
     if f.flag("stream"):
         return EventStream(_chat_stream(head, events, include_usage))
@@ -82,7 +83,7 @@ def _chat_answer(head: dict, events) -> JsonResponse | None:
     for event in events:
         if isinstance(event, Finished):
             finished = event
-        else:
+        elif not isinstance(event, Heartbeat):
             parts[event.kind].append(event.call if event.kind == "tool_call" else event.text)
     if finished is None:
         return None
@@ -106,7 +107,9 @@ def _chat_stream(head: dict, events, include_usage: bool):
     n_calls = 0
     try:
         for event in events:
-            if isinstance(event, Finished):
+            if isinstance(event, Heartbeat):
+                yield None, None
+            elif isinstance(event, Finished):
                 yield chunk({}, _finish(event, n_calls))
                 if include_usage:
                     body = {
@@ -148,7 +151,7 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         ignore_eos=f.flag("ignore_eos"),
         label=cid,
     )
-    events = answer_events(run_job(ctx.worker, job, ctx.client_gone), None)
+    events = answer_events(run_job(ctx, job), None)
     head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model}
     if f.flag("stream"):
         return EventStream(_completion_stream(head, events, include_usage))
@@ -156,7 +159,7 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     for event in events:
         if isinstance(event, Finished):
             finished = event
-        else:
+        elif not isinstance(event, Heartbeat):
             texts.append(event.text)
     if finished is None:
         return None
@@ -171,7 +174,9 @@ def _completion_stream(head: dict, events, include_usage: bool):
 
     try:
         for event in events:
-            if isinstance(event, Finished):
+            if isinstance(event, Heartbeat):
+                yield None, None
+            elif isinstance(event, Finished):
                 yield chunk("", _finish(event, []))
                 if include_usage:
                     yield None, json.dumps({**head, "choices": [], "usage": usage_json(event)})

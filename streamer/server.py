@@ -202,6 +202,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             for name, data in events:
+                if data is None:  # a keep-alive comment while nothing happens (queued, long prefill)
+                    self._write_chunk(b": keep-alive\n\n")
+                    continue
                 text = (f"event: {name}\n" if name else "") + f"data: {data}\n\n"
                 self._write_chunk(text.encode())
             self._write_chunk(b"")

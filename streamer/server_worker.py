@@ -137,7 +137,8 @@ class GenerationWorker:
         self._totals["cancelled"] = 0
         self._recent: deque[dict] = deque(maxlen=64)
         self._engine_stats: dict = {}
-        self._busy = False
+        self._current: Job | None = None
+        self._progress: tuple[int, int] | None = None  # (prefilled, to prefill) of the current job
         self.engine = None
 
     def start(self) -> None:
@@ -152,7 +153,9 @@ class GenerationWorker:
         return job
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stops after the job in progress (queued jobs are cancelled) and closes the engine."""
+        """Cancels the job in progress and the queued ones, then stops the thread and closes the engine."""
+        if (current := self._current) is not None:
+            current.cancelled.set()
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -172,7 +175,9 @@ class GenerationWorker:
                 "totals": dict(self._totals),
                 "recent": list(self._recent),
                 "queued": self._jobs.qsize(),
-                "busy": self._busy,
+                "busy": self._current is not None,
+                "current": self._current.label if self._current else None,
+                "prefill_progress": self._progress,
                 "prefix_cache": self.prefix_cache.stats(),
                 "experts": dict(self._engine_stats),
             }
@@ -188,12 +193,12 @@ class GenerationWorker:
         try:
             while (job := self._jobs.get()) is not None:
                 with self._lock:
-                    self._busy = True
+                    self._current, self._progress = job, None
                 try:
                     self._serve(job)
                 finally:
                     with self._lock:
-                        self._busy = False
+                        self._current = self._progress = None
         finally:
             if hasattr(self.engine, "close"):
                 self.engine.close()
@@ -267,7 +272,11 @@ class GenerationWorker:
         start = state.length if state else 0
         usage.cached_tokens, usage.prefilled_tokens = start, len(ids) - start
 
-        def check(_done: int, _total: int) -> None:
+        prefilled = 0
+
+        def check(done: int, total: int) -> None:
+            # Called after every prefill chunk: a long prefill shows progress and stops on cancel.
+            self._progress = (prefilled + done, len(ids) - usage.cached_tokens)
             if job.cancelled.is_set():
                 raise JobCancelled
 
@@ -275,6 +284,7 @@ class GenerationWorker:
             if start < boundary < len(ids):
                 prefill(engine.model, ids[start:boundary], cache, progress=check)
                 state = self._remember(ids[:boundary], cache, state)
+                prefilled += boundary - start
                 start = boundary
         tokenizer = _WithoutEos(engine.tokenizer) if job.ignore_eos else engine.tokenizer
         sampler = make_sampler(job.sampling, context=ids)

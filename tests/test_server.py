@@ -64,9 +64,11 @@ class Script:
         self.pieces: list[str] = []
         self.prompts: list[str] = []
         self.tokenizer = None
+        self.delay_s = 0.0  # a slow prefill
 
     def __call__(self, job: Job) -> list[str]:
         self.prompts.append(self.tokenizer.decode(job.prompt_ids))
+        time.sleep(self.delay_s)
         return list(self.pieces)
 
 
@@ -460,6 +462,28 @@ def test_openai_stop_sequences(scripted):
         model="tiny", messages=[{"role": "user", "content": "count"}], stop=["three"], extra_body=off
     )
     assert r.choices[0].message.content == "one, two," and r.choices[0].finish_reason == "stop"
+
+
+def test_keep_alive_while_waiting(scripted):
+    """A queued or slowly prefilling stream gets keep-alives, so clients' read timeouts do not fire."""
+
+    def read(path: str, body: dict) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", scripted.port, timeout=30)
+        conn.request("POST", path, json.dumps({"model": "tiny", "stream": True, **body}))
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return text
+
+    scripted.script.pieces, scripted.script.delay_s = ["Late."], 0.6
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        with setting(scripted, heartbeat_s=0.1):
+            openai_text = read("/v1/chat/completions", {"messages": messages})
+            anthropic_text = read("/v1/messages", {"messages": messages, "max_tokens": 5})
+    finally:
+        scripted.script.delay_s = 0.0
+    assert openai_text.count(": keep-alive") >= 2 and openai_text.endswith("data: [DONE]\n\n")
+    assert anthropic_text.count("event: ping") >= 3 and "event: message_stop" in anthropic_text
 
 
 # ---------------------------------------------------------------------------------------------------------
