@@ -31,10 +31,16 @@ class Snapshot:
     state: object  # what restore_state needs (a ModelState); opaque to the cache
     nbytes: int  # bytes this snapshot alone holds
     shared: tuple = ()  # parts it may share with other snapshots (each with .nbytes), counted once
+    priority: int = 1  # lower goes first when over budget; a hit raises it to 1
 
 
 class PrefixCache:
-    """Snapshots keyed by the token ids that produced them; LRU within ``max_bytes`` and ``max_entries``."""
+    """Snapshots keyed by the token ids that produced them, within ``max_bytes`` and ``max_entries``.
+
+    Over budget, the least recently used snapshot of the lowest priority goes first: answer ends
+    (priority 0) are often not reusable, because the chat template re-renders an answer differently
+    (Qwen3.5 drops earlier turns' reasoning), while message boundaries (1) are what follow-ups resume.
+    """
 
     def __init__(self, max_bytes: int, max_entries: int = 32):
         self.max_bytes, self.max_entries = max_bytes, max_entries
@@ -54,31 +60,34 @@ class PrefixCache:
         for n in sorted({len(k) for k in self._entries}, reverse=True):
             if n < len(ids) and (snap := self._entries.get(tuple(ids[:n]))) is not None:
                 self._entries.move_to_end(snap.ids)
+                snap.priority = max(snap.priority, 1)
                 self.hits += 1
                 return snap
         self.misses += 1
         return None
 
-    def store(self, ids: Sequence[int], state, nbytes: int, shared: tuple = ()) -> bool:
-        """Keeps a snapshot, evicting the least recently used ones over budget; False if it cannot fit."""
+    def store(self, ids: Sequence[int], state, nbytes: int, shared: tuple = (), priority: int = 1) -> bool:
+        """Keeps a snapshot, evicting others while over budget; False if it cannot fit even alone."""
         key = tuple(ids)
         if key in self._entries:
             self._entries.move_to_end(key)
             return True
         if nbytes + sum(p.nbytes for p in shared) > self.max_bytes or self.max_entries < 1:
             return False
-        self._entries[key] = Snapshot(key, state, nbytes, tuple(shared))
+        self._entries[key] = Snapshot(key, state, nbytes, tuple(shared), priority)
         self.bytes += nbytes
         for part in shared:
             ref = self._refs.setdefault(id(part), [part, 0])
             ref[1] += 1
             self.bytes += part.nbytes if ref[1] == 1 else 0
         while self.bytes > self.max_bytes or len(self._entries) > self.max_entries:
-            self._evict_oldest()
+            self._evict_one(key)
         return True
 
-    def _evict_oldest(self) -> None:
-        _, old = self._entries.popitem(last=False)
+    def _evict_one(self, keep: tuple[int, ...]) -> None:
+        # The budget check in store() guarantees another snapshot exists; oldest first, lowest priority.
+        old = min((s for k, s in self._entries.items() if k != keep), key=lambda s: s.priority)
+        del self._entries[old.ids]
         self.bytes -= old.nbytes
         for part in old.shared:
             ref = self._refs[id(part)]

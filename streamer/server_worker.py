@@ -283,7 +283,7 @@ class GenerationWorker:
         for boundary in sorted(set(job.snapshot_at)):
             if start < boundary < len(ids):
                 prefill(engine.model, ids[start:boundary], cache, progress=check)
-                state = self._remember(ids[:boundary], cache, state)
+                state = self._remember(ids[:boundary], cache, state, priority=1)
                 prefilled += boundary - start
                 start = boundary
         tokenizer = _WithoutEos(engine.tokenizer) if job.ignore_eos else engine.tokenizer
@@ -299,16 +299,19 @@ class GenerationWorker:
         except GeneratorExit:
             tokens.close()
             # The last sampled token was never fed: the cache holds the prompt and the tokens before it.
-            self._remember([*ids, *generated[:-1]], cache, state)
+            self._remember([*ids, *generated[:-1]], cache, state, priority=0)
             raise
-        self._remember([*ids, *generated[:-1]], cache, state)
+        self._remember([*ids, *generated[:-1]], cache, state, priority=0)
 
-    def _remember(self, ids: list[int], cache: list, base: ModelState | None) -> ModelState | None:
+    def _remember(
+        self, ids: list[int], cache: list, base: ModelState | None, priority: int
+    ) -> ModelState | None:
         """Snapshots the cache (which has seen ``ids``); returns the state later snapshots build on."""
         if self.prefix_cache.max_bytes <= 0 or ids in self.prefix_cache:
             return base
         state, own_bytes = capture_state(cache, base)
-        return state if self.prefix_cache.store(ids, state, own_bytes, state.segments) else base
+        stored = self.prefix_cache.store(ids, state, own_bytes, state.segments, priority)
+        return state if stored else base
 
     def _scripted_stream(self, job: Job, usage: Usage) -> Iterator[GenerationResponse]:
         usage.prefilled_tokens = len(job.prompt_ids)

@@ -311,6 +311,19 @@ def test_prefix_cache_counts_shared_parts_once():
     assert list(cache._entries) == [(4,), (5,), (6,)] and cache.bytes == 30
 
 
+def test_prefix_cache_evicts_answer_ends_first():
+    cache = PrefixCache(max_bytes=30)
+    cache.store([1], "boundary", 10, priority=1)
+    cache.store([1, 2], "answer", 10, priority=0)
+    cache.store([3], "boundary 2", 10, priority=1)
+    cache.store([4], "boundary 3", 10, priority=1)  # the answer goes, though the first boundary is older
+    assert [1] in cache and [1, 2] not in cache
+    cache.store([5, 6], "answer 2", 10, priority=0)
+    assert cache.lookup([5, 6, 7]).state == "answer 2"  # a hit shows it is reusable: priority 1 now
+    cache.store([8], "boundary 4", 10, priority=1)
+    assert [5, 6] in cache and [1] not in cache
+
+
 def test_stop_matcher_across_pieces():
     m = StopMatcher(["STOP", "\n\n"])
     assert m.feed("abc S") == ("abc ", None)
