@@ -3,8 +3,12 @@
 A run is a sequence of steps — resident tensors, then each expert layer, then small files and the
 manifest. Each step writes a ``.partial`` file, re-reads and checks it, renames it, and records itself
 in ``repack-progress.json``. Output bytes depend only on the source, so a run resumed after any
-interruption (kill -9 included) ends byte-identical to an uninterrupted one. Memory stays bounded:
-bytes move through two reusable group buffers of at most ``GROUP_BYTES``.
+interruption (kill -9 included) ends byte-identical to an uninterrupted one.
+
+Data flow: reader threads scatter the next group of experts into a buffer while the main thread
+checksums and writes the current one, and a verifier thread re-reads the previous layer. Memory stays
+bounded by three ``GROUP_BYTES`` buffers whatever the model size. Bytes pass through user space (not
+``copy_file_range``) because every byte is checksummed on the way.
 
 Names: E = experts in a layer, B = block bytes, n = experts per read group.
 """
