@@ -74,7 +74,7 @@ def generate(
         raise ConfigError("give exactly one of --prompt and --prompt-ids")
     if prompt is not None and not prompt.strip():
         raise ConfigError("--prompt is empty")
-    sampler = make_sampler(SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=seed))
+    params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
     with open_engine(model, runtime, resident) as engine:
         tok = engine.tokenizer
         if prompt_ids is not None:
@@ -90,6 +90,7 @@ def generate(
                 [{"role": "user", "content": prompt}], enable_thinking=not no_think
             )
             ids = tok.encode(text)
+        sampler = make_sampler(params, context=ids)  # penalties (if any) see the prompt too
         tracer = RouteTrace(trace) if trace else None
         if engine.runtime and tracer:
             engine.runtime.on_route = tracer

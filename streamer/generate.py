@@ -44,8 +44,8 @@ def prefill(
     logits = None
     for start in range(0, len(tokens), chunk):
         piece = mx.array(tokens[start : start + chunk])[None]
-        logits = model(piece, cache=cache)[:, -1, :]
-        mx.eval(logits, [c.state for c in cache if hasattr(c, "state")])
+        logits = model(piece, cache=cache, last_only=True)[:, -1, :]
+        mx.eval(logits, [c.state for c in cache])
         if progress:
             progress(min(start + chunk, len(tokens)), len(tokens))
     return logits[0]

@@ -178,12 +178,12 @@ class _InterruptingModel:
     def make_cache(self):
         return self._model.make_cache()
 
-    def __call__(self, tokens, cache=None):
+    def __call__(self, tokens, cache=None, **kwargs):
         self.calls -= 1
         if self.calls == 0:
             cache[0].offset += 99  # half-updated state: the session must not trust it
             raise KeyboardInterrupt
-        return self._model(tokens, cache=cache)
+        return self._model(tokens, cache=cache, **kwargs)
 
 
 @pytest.mark.parametrize("calls_before", [1, 6])  # during the prompt, during decoding

@@ -52,6 +52,11 @@ class KVCache:
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
         self.keys, self.values = new_k, new_v
 
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays this cache holds (to evaluate them together with a step's output)."""
+        return [a for a in (self.keys, self.values) if a is not None]
+
     def snapshot(self) -> KVSnapshot:
         if self.keys is None:
             return KVSnapshot(None, None, 0)
@@ -81,6 +86,11 @@ class DeltaNetCache:
         self.conv_state: mx.array | None = None
         self.recurrent_state: mx.array | None = None
         self.offset = 0  # tokens seen
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays this cache holds (to evaluate them together with a step's output)."""
+        return [a for a in (self.conv_state, self.recurrent_state) if a is not None]
 
     def snapshot(self) -> DeltaNetSnapshot:
         # The layer replaces (never mutates) these arrays, so references are a snapshot.

@@ -221,12 +221,17 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.language_model.model.layers
 
-    def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+    def __call__(
+        self, tokens: mx.array, cache: list[LayerCache] | None = None, last_only: bool = False
+    ) -> mx.array:
+        """Logits [B, L, V], or [B, 1, V] for the last position only with ``last_only`` (prefill)."""
         text = self.language_model.model
         h = text.embed_tokens(tokens).astype(self.dtype)  # [B, L, H]
         caches = cache if cache is not None else [None] * len(self.layers)
         for layer, c in zip(self.layers, caches, strict=True):
             h = layer(h, c)
+        if last_only:
+            h = h[:, -1:, :]  # the output head on one row instead of L (V can be 248k)
         h = text.norm(h)
         if self.args.tie_word_embeddings:
             return text.embed_tokens.as_linear(h)
