@@ -58,7 +58,7 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         ignore_eos=f.flag("ignore_eos"),
         label=mid,
     )
-    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools))
+    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
     head = {"id": mid, "type": "message", "role": "assistant", "model": model}
     if f.flag("stream"):
         return EventStream(_stream(head, events, len(prompt.ids)))
@@ -78,6 +78,7 @@ def _prompt(f: Fields, ctx: ApiContext) -> tuple[Prompt, list[dict] | None]:
     tools = _tools(f.get("tools", list))
     if Fields(f.get("tool_choice", dict, {})).get("type", str) == "none":
         tools = None
+    ctx.memory.fill(history)
     return render_chat(ctx.tokenizer, history, tools, _thinking(f, ctx.settings.thinking)), tools
 
 

@@ -12,7 +12,9 @@ import dataclasses
 import math
 import queue
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -265,20 +267,63 @@ def run_job(ctx: ApiContext, job: Job, poll_s: float = 0.2) -> Iterator:
             job.cancelled.set()
 
 
-def answer_events(events: Iterator, parser: OutputParser | None) -> Iterator[Delta | Finished | Heartbeat]:
-    """Worker events as answer deltas (reasoning / content / tool calls), then the Finished event."""
+def answer_events(
+    events: Iterator, parser: OutputParser | None, memory: ReasoningMemory | None = None
+) -> Iterator[Delta | Finished | Heartbeat]:
+    """Worker events as answer deltas (reasoning / content / tool calls), then the Finished event.
+
+    The reasoning before each tool call goes into ``memory``, keyed by the call's id.
+    """
+    reasoning = []
     for event in events:
         if isinstance(event, Heartbeat):
             yield event
-        elif isinstance(event, Piece):
-            if parser is None:
-                yield Delta("content", event.text)
-            else:
-                yield from parser.feed(event.text)
+            continue
+        if isinstance(event, Piece):
+            deltas = parser.feed(event.text) if parser else [Delta("content", event.text)]
         else:
-            if parser is not None:
-                yield from parser.finish()
-            yield event
+            deltas = [*(parser.finish() if parser else []), event]
+        for delta in deltas:
+            if isinstance(delta, Delta) and delta.kind == "reasoning":
+                reasoning.append(delta.text)
+            elif isinstance(delta, Delta) and delta.kind == "tool_call" and memory and reasoning:
+                memory.remember(delta.call.id, "".join(reasoning))
+            yield delta
+
+
+class ReasoningMemory:
+    """The reasoning this server wrote before its tool calls, by call id, for clients that drop it.
+
+    Qwen3.5's template shows the model its reasoning for the turns since the last user message, but
+    OpenAI clients do not send ``reasoning_content`` back. Putting it back keeps the model's plan in
+    front of it during a tool loop, and makes the prompt match the snapshot taken at the answer's end.
+    """
+
+    def __init__(self, max_entries: int = 1024):
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def remember(self, call_id: str, reasoning: str) -> None:
+        with self._lock:
+            self._items[_call_key(call_id)] = reasoning
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+
+    def fill(self, messages: list[dict]) -> None:
+        """Adds the remembered reasoning to assistant messages with tool calls that come without any."""
+        for m in messages:
+            if m["role"] != "assistant" or m.get("reasoning_content") or not m.get("tool_calls"):
+                continue
+            with self._lock:
+                found = [self._items.get(_call_key(c.get("id"))) for c in m["tool_calls"]]
+            if any(found):
+                m["reasoning_content"] = next(r for r in found if r)
+
+
+def _call_key(call_id) -> str:
+    # The same call is "call_X" to OpenAI clients and "toolu_X" to Anthropic ones.
+    return str(call_id).removeprefix("toolu_").removeprefix("call_")
 
 
 @dataclass
@@ -302,3 +347,4 @@ class ApiContext:
     tokenizer: object
     worker: GenerationWorker
     client_gone: ClientGone = lambda: False
+    memory: ReasoningMemory = field(default_factory=ReasoningMemory)

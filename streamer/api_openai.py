@@ -56,6 +56,7 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     if f.get("tool_choice", (str, dict), "auto") == "none":
         tools = None
     thinking = _thinking(f, ctx.settings.thinking)
+    ctx.memory.fill(messages)
     prompt = render_chat(ctx.tokenizer, messages, tools, thinking)
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     budget = completion_budget(ctx.settings, len(prompt.ids), f.number(param, 1, integer=True), param)
@@ -70,7 +71,7 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
         ignore_eos=f.flag("ignore_eos"),
         label=cid,
     )
-    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools))
+    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
     head = {"id": cid, "created": int(time.time()), "model": model}
     if f.flag("stream"):
         return EventStream(_chat_stream(head, events, include_usage))

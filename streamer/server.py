@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from . import api_anthropic, api_openai
-from .api_common import ApiContext, ApiError, EventStream, JsonResponse, ServeSettings
+from .api_common import ApiContext, ApiError, EventStream, JsonResponse, ReasoningMemory, ServeSettings
 from .prefix_cache import PrefixCache
 from .server_worker import GenerationWorker, ScriptedModel
 
@@ -70,6 +70,7 @@ class App:
         self.settings, self.tokenizer, self.worker = settings, tokenizer, worker
         self.routes = _routes()
         self.started = int(time.time())
+        self.memory = ReasoningMemory()
 
     def authorized(self, headers) -> bool:
         key = self.settings.api_key
@@ -108,6 +109,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle("POST")
 
+    def _refuse(self) -> None:
+        # Other methods get a JSON 404/405, not http.server's HTML 501; their body is never read.
+        self.close_connection = True
+        self._handle(self.command)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
     def log_message(self, fmt: str, *args) -> None:
         log.info("%s %s", self.address_string(), fmt % args)
 
@@ -119,7 +127,7 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_json() if method == "POST" else None
             if path != "/health" and not app.authorized(self.headers):
                 raise ApiError(401, _AUTH_HINT, kind="authentication_error")
-            ctx = ApiContext(app.settings, app.tokenizer, app.worker, self._client_gone)
+            ctx = ApiContext(app.settings, app.tokenizer, app.worker, self._client_gone, app.memory)
             result = app.route(method, path, body, ctx)
         except ApiError as e:
             self._send_error(e, anthropic)

@@ -409,6 +409,8 @@ def test_openai_tool_round_trip(scripted):
     scripted.script.pieces = ["It is sunny.\n</think>\n\n", "Sunny and 21 C."]
     r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL])
     prompt = scripted.script.prompts[-1]
+    # The client dropped the reasoning; the server puts back what the model wrote before the call.
+    assert "<|im_start|>assistant\n<think>\nNeed the tool.\n</think>\n\nChecking.\n\n<tool_call>\n" in prompt
     assert (
         "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>"
         in prompt
@@ -546,6 +548,7 @@ def test_bad_requests_openai(server):
         client.completions.create(model="tiny", prompt=[10**9])
     assert raw(server, "GET", "/v1/nothing")[0] == 404
     assert raw(server, "GET", "/v1/chat/completions")[0] == 405
+    assert raw(server, "DELETE", "/v1/models")[0] == 405
 
 
 def test_bad_requests_anthropic(server):
