@@ -107,7 +107,7 @@ class Fields:
             if required:
                 raise ApiError(400, f"{name} is required", param=name)
             return default
-        bad_bool = isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+        bad_bool = isinstance(value, bool) and bool not in _as_tuple(types)  # True is an int in Python
         if bad_bool or not isinstance(value, types):
             names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in _as_tuple(types))
             raise ApiError(400, f"{name} must be {names}, got {_json_type(value)}", param=name)
@@ -117,11 +117,8 @@ class Fields:
         value = self.get(name, int if integer else (int, float))
         if value is None:
             return None
-        if (
-            not math.isfinite(value)
-            or (low is not None and value < low)
-            or (high is not None and value > high)
-        ):
+        finite = not isinstance(value, float) or math.isfinite(value)  # JSON allows NaN and 1e999
+        if not finite or (low is not None and value < low) or (high is not None and value > high):
             bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
             raise ApiError(400, f"{name} must be in {bounds}, got {value}", param=name)
         return value
@@ -146,8 +143,14 @@ class Fields:
         return out
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array"}
-_TYPE_NAMES[dict] = "an object"
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
 
 
 def _as_tuple(types) -> tuple:
@@ -155,11 +158,7 @@ def _as_tuple(types) -> tuple:
 
 
 def _json_type(value) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "an array"}.get(
-        type(value), "an object" if isinstance(value, dict) else type(value).__name__
-    )
+    return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 @dataclass

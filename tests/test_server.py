@@ -518,6 +518,8 @@ def test_bad_requests_openai(server):
         {"messages": user, "temperature": "hot"},
         {"messages": user, "max_tokens": 0},
         {"messages": user, "max_tokens": True},
+        {"messages": user, "max_tokens": 10**400},
+        {"messages": user, "seed": -1},
         {"messages": user, "top_p": 1.5},
         {"messages": user, "stop": [1]},
         {"messages": [{"role": "wizard", "content": "x"}]},
