@@ -114,64 +114,65 @@ def _answer(head: dict, events) -> JsonResponse | None:
 
 
 def _stream(head: dict, events, prompt_tokens: int):
-    def event(name: str, **data) -> tuple[str, str]:
-        return name, json.dumps({"type": name, **data})
-
     start_usage = {"input_tokens": prompt_tokens, "output_tokens": 0}
     message = {**head, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
-    yield event("message_start", message=message)
-    yield event("ping")
-    index, open_kind, used_tools = -1, None, False
+    yield _event("message_start", message=message)
+    yield _event("ping")
+    blocks = _Blocks()
     try:
         for delta in events:
             if isinstance(delta, Heartbeat):
-                yield event("ping")
-                continue
-            if isinstance(delta, Finished):
-                if open_kind:
-                    yield from _close(event, index, open_kind)
-                stop = {"stop_reason": _stop_reason(delta, used_tools), "stop_sequence": delta.stop_sequence}
-                yield event("message_delta", delta=stop, usage=_usage(delta))
-                yield event("message_stop")
-                return
-            kind = {"reasoning": "thinking", "content": "text", "tool_call": "tool_use"}[delta.kind]
-            if kind != open_kind or kind == "tool_use":
-                if open_kind:
-                    yield from _close(event, index, open_kind)
-                index, open_kind = index + 1, kind
-                block = {
-                    "thinking": {"type": "thinking", "thinking": "", "signature": ""},
-                    "text": {"type": "text", "text": ""},
+                yield _event("ping")
+            elif isinstance(delta, Finished):
+                yield from blocks.close()
+                stop = {
+                    "stop_reason": _stop_reason(delta, blocks.used_tools),
+                    "stop_sequence": delta.stop_sequence,
                 }
-                if kind == "tool_use":
-                    used_tools = True
-                    block["tool_use"] = {**_tool_use(delta.call), "input": {}}
-                yield event("content_block_start", index=index, content_block=block[kind])
-            if kind == "tool_use":
-                partial = json.dumps(delta.call.arguments, ensure_ascii=False)
-                yield event(
-                    "content_block_delta",
-                    index=index,
-                    delta={"type": "input_json_delta", "partial_json": partial},
-                )
-            elif kind == "thinking":
-                yield event(
-                    "content_block_delta",
-                    index=index,
-                    delta={"type": "thinking_delta", "thinking": delta.text},
-                )
+                yield _event("message_delta", delta=stop, usage=_usage(delta))
+                yield _event("message_stop")
             else:
-                yield event(
-                    "content_block_delta", index=index, delta={"type": "text_delta", "text": delta.text}
-                )
+                yield from blocks.add(delta)
     except ApiError as e:
         yield "error", json.dumps(error_body(e))
 
 
-def _close(event, index: int, kind: str):
-    if kind == "thinking":
-        yield event("content_block_delta", index=index, delta={"type": "signature_delta", "signature": ""})
-    yield event("content_block_stop", index=index)
+def _event(name: str, **data) -> tuple[str, str]:
+    return name, json.dumps({"type": name, **data})
+
+
+class _Blocks:
+    """Answer deltas as content-block events: a block per run of one kind, and one per tool call."""
+
+    def __init__(self):
+        self.index, self.open, self.used_tools = -1, None, False
+
+    def add(self, delta):
+        kind = {"reasoning": "thinking", "content": "text", "tool_call": "tool_use"}[delta.kind]
+        if kind != self.open or kind == "tool_use":
+            yield from self.close()
+            self.index, self.open = self.index + 1, kind
+            if kind == "tool_use":
+                self.used_tools = True
+                block = {**_tool_use(delta.call), "input": {}}
+            else:
+                block = {"type": kind, kind: "", **({"signature": ""} if kind == "thinking" else {})}
+            yield _event("content_block_start", index=self.index, content_block=block)
+        if kind == "tool_use":
+            partial = json.dumps(delta.call.arguments, ensure_ascii=False)
+            change = {"type": "input_json_delta", "partial_json": partial}
+        else:
+            change = {"type": f"{kind}_delta", kind: delta.text}
+        yield _event("content_block_delta", index=self.index, delta=change)
+
+    def close(self):
+        if self.open == "thinking":  # clients expect a signature; this server has none to give
+            yield _event(
+                "content_block_delta", index=self.index, delta={"type": "signature_delta", "signature": ""}
+            )
+        if self.open:
+            yield _event("content_block_stop", index=self.index)
+        self.open = None
 
 
 def _usage(finished: Finished) -> dict:
