@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from . import api_anthropic, api_openai
 from .api_common import ApiContext, ApiError, EventStream, JsonResponse, ReasoningMemory, ServeSettings
+from .errors import ConfigError
 from .prefix_cache import PrefixCache
 from .server_worker import GenerationWorker, ScriptedModel
 
@@ -298,6 +299,11 @@ def start_server(load: Callable, config: ServeConfig, scripted: ScriptedModel | 
     try:
         settings = _settings(config, engine)
         httpd = _HTTPServer((config.host, config.port), App(settings, engine.tokenizer, worker))
+    except OSError as e:
+        worker.close()
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port}: {e.strerror or e}; pick another --port or --host"
+        ) from None
     except BaseException:
         worker.close()
         raise

@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from streamer.engine import load_engine
+from streamer.errors import ConfigError
 from streamer.generate import stream_generate
 from streamer.prefix_cache import PrefixCache
 from streamer.repack import make_plan, run_repack
@@ -671,6 +672,11 @@ def test_disconnect_mid_stream_stops_generation(server):
         time.sleep(0.05)
     last = stats(server)["recent"][-1]
     assert last["finish_reason"] == "cancelled" and last["completion_tokens"] < 50000
+
+
+def test_port_in_use_is_a_clear_error(server, packed):
+    with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{server.port}"):
+        start_server(lambda: load_engine(packed), ServeConfig(port=server.port))
 
 
 def test_cli_serve_subprocess(packed, tmp_path):
