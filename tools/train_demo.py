@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Trains the embedded demo model and exports it as an mlx-community checkpoint (maintainer script).
+
+    python tools/train_demo.py                                  # train (or resume) in the default run dir
+    python tools/train_demo.py --export streamer/assets/demo    # ... then write the shipped checkpoint
+    python tools/train_demo.py --steps 20 --layers 2 --max-corpus-chars 200000 --out /tmp/tiny
+
+A Qwen3.5-MoE (the project's own model classes, float32, chunked DeltaNet) learns the Python standard
+library's source: see tools/demo_corpus.py for the corpus and tokenizer, tools/demo_training.py for the
+model, loop, checkpoints and export. Interrupt at any time (Ctrl-C): the run checkpoints and the same
+command resumes it, taking exactly the steps an uninterrupted run would. The loss curve is in
+<out>/loss.tsv.
+
+MLX's Linux CPU wheel ships the reference BLAS; when Debian's OpenBLAS is installed
+(``apt-get install libopenblas0-pthread``) the script re-executes itself with it preloaded, which makes
+float32 matmuls ~30x faster. ``--no-openblas`` (or a missing library) trains without it, slowly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS))
+
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+REEXEC_ENV = "STREAMER_TRAIN_DEMO_REEXEC"
+
+
+def maybe_reexec_with_openblas(enabled: bool) -> None:
+    """Restarts this process with OpenBLAS in LD_PRELOAD (once) when it exists and is not loaded yet."""
+    if not enabled or not sys.platform.startswith("linux") or os.environ.get(REEXEC_ENV):
+        return
+    if not OPENBLAS.exists() or str(OPENBLAS) in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in [str(OPENBLAS), env.get("LD_PRELOAD", "")] if p)
+    env[REEXEC_ENV] = "1"
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def default_run_dir() -> Path:
+    from streamer.demo import cache_dir
+
+    return cache_dir() / "train-demo"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from demo_training import TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: <cache>/train-demo)")
+    p.add_argument("--export", type=Path, default=None, help="after training, write the checkpoint here")
+    p.add_argument("--export-only", action="store_true", help="skip training; export the last checkpoint")
+    p.add_argument("--no-openblas", action="store_true", help="do not preload Debian's OpenBLAS")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--layers", type=int, default=d.num_layers)
+    p.add_argument("--hidden", type=int, default=d.hidden_size)
+    p.add_argument("--experts", type=int, default=d.num_experts)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--expert-inter", type=int, default=d.moe_intermediate_size)
+    p.add_argument("--vocab-tokens", type=int, default=d.vocab_tokens)
+    p.add_argument("--batch", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.learning_rate)
+    p.add_argument("--aux-coef", type=float, default=d.aux_loss_coef)
+    p.add_argument("--max-corpus-chars", type=int, default=None, help="a slice of the corpus (tests)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--no-compile", action="store_true", help="run the step eagerly (no mx.compile)")
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace):
+    from demo_training import TrainConfig
+
+    return TrainConfig(
+        seed=a.seed,
+        hidden_size=a.hidden,
+        num_layers=a.layers,
+        num_experts=a.experts,
+        top_k=a.top_k,
+        moe_intermediate_size=a.expert_inter,
+        shared_intermediate_size=2 * a.expert_inter,
+        vocab_tokens=a.vocab_tokens,
+        max_corpus_chars=a.max_corpus_chars,
+        steps=a.steps,
+        batch_size=a.batch,
+        seq_len=a.seq_len,
+        learning_rate=a.lr,
+        aux_loss_coef=a.aux_coef,
+        log_every=a.log_every,
+        eval_every=a.eval_every,
+        checkpoint_every=a.checkpoint_every,
+        compile=not a.no_compile,
+    )
+
+
+def print_progress(cfg, start: list[float]):
+    def progress(row: dict) -> None:
+        step = row["step"]
+        if step % cfg.log_every and row["held_out_ce"] is None and step != cfg.steps:
+            return
+        now = time.perf_counter()
+        if start[1] == 0:
+            start[:] = [now, step]
+        rate = (step - start[1]) / (now - start[0]) if now > start[0] else 0.0
+        eta = (cfg.steps - step) / rate / 60 if rate else float("nan")
+        held = f"  held-out {row['held_out_ce']:.3f}" if row["held_out_ce"] is not None else ""
+        print(
+            f"step {step:5d}/{cfg.steps}  loss {row['loss']:.3f} (ce {row['ce']:.3f}, aux {row['aux']:.3f})"
+            f"  lr {row['lr']:.2e}  {row['tokens'] / row['elapsed_s']:.0f} tok/s  eta {eta:.1f} min{held}",
+            flush=True,
+        )
+
+    return progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    maybe_reexec_with_openblas(not args.no_openblas)
+    from demo_training import export_checkpoint, train
+
+    run_dir = args.out or default_run_dir()
+    cfg = config_from_args(args)
+    blas = "OpenBLAS preloaded" if str(OPENBLAS) in os.environ.get("LD_PRELOAD", "") else "MLX's bundled BLAS"
+    print(f"run dir {run_dir} ({blas})", flush=True)
+    if not args.export_only:
+        try:
+            train(run_dir, cfg, print_progress(cfg, [0.0, 0]))
+        except KeyboardInterrupt:
+            return 130
+        print(f"loss curve: {run_dir / 'loss.tsv'}")
+    if args.export:
+        from demo_eval import evaluate_export
+
+        export_checkpoint(run_dir, args.export)
+        report = evaluate_export(run_dir, args.export)
+        info_file = args.export / "training.json"
+        info_file.write_text(
+            json.dumps({**json.loads(info_file.read_text()), "evaluation": report}, indent=2) + "\n"
+        )
+        print(f"exported {args.export}: {json.dumps(report, indent=2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
