@@ -153,6 +153,8 @@ class Handler(BaseHTTPRequestHandler):
         else:
             try:
                 size = int(length) if length is not None else 0
+                if size < 0:
+                    raise ValueError
             except ValueError:
                 self.close_connection = True
                 raise ApiError(400, f"bad Content-Length {length!r}") from None
@@ -219,6 +221,9 @@ class Handler(BaseHTTPRequestHandler):
             self._write_chunk(b"")
         except OSError:  # the client went away: closing the events cancels its generation
             log.info("client %s disconnected mid-stream", self.address_string())
+            self.close_connection = True
+        except Exception:  # a bug after the headers went out: end the connection, the stream is cut
+            log.exception("stream to %s failed", self.address_string())
             self.close_connection = True
         finally:
             events.close()

@@ -514,6 +514,7 @@ def test_bad_requests_openai(server):
     )
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert raw(server, "POST", "/v1/chat/completions", b"[1, 2]")[0] == 400
+    assert raw(server, "POST", "/v1/chat/completions", b"{}", {"Content-Length": "-5"})[0] == 400
     for bad in [
         {"messages": "hi"},
         {"messages": user, "temperature": "hot"},
