@@ -31,7 +31,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from demo_corpus import encode_documents, read_corpus, train_tokenizer, write_tokenizer_dir
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from streamer.config import ModelArgs
 from streamer.models.qwen3_5_moe import Model, SparseMoeBlock
@@ -351,6 +351,24 @@ def write_curve(path: Path, curve: list[dict]) -> None:
 # The loop.
 
 
+def make_train_step(
+    model: Model, record: RouterRecord, optimizer: optim.Optimizer, cfg: TrainConfig
+) -> Callable:
+    """(inputs, targets) -> (loss, ce, aux, grad norm), updating the model; compiled unless told not to."""
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(model, record, cfg.aux_loss_coef))
+
+    def train_step(x: mx.array, y: mx.array):
+        (loss, (ce, aux)), grads = loss_and_grad(model, x, y)
+        grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        optimizer.update(model, grads)
+        return loss, ce, aux, grad_norm
+
+    if not cfg.compile:
+        return train_step
+    state = [model.state, optimizer.state]
+    return partial(mx.compile, inputs=state, outputs=state)(train_step)
+
+
 def train(
     run_dir: Path,
     cfg: TrainConfig,
@@ -371,53 +389,40 @@ def train(
     step, curve = load_checkpoint(run_dir, model, optimizer)
     if step:
         log(f"resuming {run_dir} at step {step}/{cfg.steps}")
+    train_step = make_train_step(model, record, optimizer, cfg)
     held_out = eval_windows(held_out_tokens, 16, cfg.seq_len)
-
-    loss_and_grad = nn.value_and_grad(model, make_loss_fn(model, record, cfg.aux_loss_coef))
-
-    def train_step(x, y):
-        (loss, (ce, aux)), grads = loss_and_grad(model, x, y)
-        grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        optimizer.update(model, grads)
-        return loss, ce, aux, grad_norm
-
-    if cfg.compile:
-        state = [model.state, optimizer.state]
-        train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)
-
-    elapsed = curve[-1]["elapsed_s"] if curve else 0.0
     saved_step = step
+    # The last finished step: Ctrl-C lands when mx.eval returns, after the model already holds the
+    # next step's weights, so an interrupt restores these before checkpointing.
+    finished = (step, model.parameters(), tree_map(lambda a: a, optimizer.state))
     try:
         while step < cfg.steps:
-            t0 = time.perf_counter()
-            lr = optimizer.learning_rate.item()
+            t0, lr = time.perf_counter(), optimizer.learning_rate.item()
             out = train_step(*batch_for_step(train_tokens, cfg, step))
             mx.eval(out, model.parameters(), optimizer.state)
-            step += 1
-            elapsed += time.perf_counter() - t0
             loss, ce, aux, grad_norm = (v.item() for v in out)
-            row = {
-                "step": step,
-                "tokens": step * cfg.batch_size * cfg.seq_len,
-                "elapsed_s": elapsed,
-                "lr": lr,
-                "loss": loss,
-                "ce": ce,
-                "aux": aux,
-                "grad_norm": grad_norm,
-                "held_out_ce": None,
-            }
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                row["held_out_ce"] = mean_loss(model, held_out)
-            curve.append(row)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or check the data")
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower --lr or check the data")
+            step += 1
+            elapsed = (curve[-1]["elapsed_s"] if curve else 0.0) + time.perf_counter() - t0
+            held_out_ce = (
+                mean_loss(model, held_out) if step % cfg.eval_every == 0 or step == cfg.steps else None
+            )
+            curve.append(
+                {"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "elapsed_s": elapsed, "lr": lr,
+                 "loss": loss, "ce": ce, "aux": aux, "grad_norm": grad_norm, "held_out_ce": held_out_ce}
+            )  # fmt: skip
+            finished = (step, model.parameters(), tree_map(lambda a: a, optimizer.state))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(run_dir, model, optimizer, step, curve)
                 saved_step = step
             if progress:
-                progress(row)
+                progress(curve[-1])
     except KeyboardInterrupt:
+        step, params, opt_state = finished
+        model.update(params)
+        optimizer.state = opt_state
+        curve[:] = [r for r in curve if r["step"] <= step]
         if step > saved_step:
             save_checkpoint(run_dir, model, optimizer, step, curve)
         log(f"interrupted: checkpoint at step {step} in {run_dir}; run again to resume")
