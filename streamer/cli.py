@@ -48,6 +48,7 @@ def main(verbose: bool) -> None:
 def _register() -> None:
     # Each module adds its commands to ``main``; imported here so `streamer --help` lists them all.
     from . import (
+        cli_bench,  # noqa: F401
         cli_chat,  # noqa: F401
         cli_generate,  # noqa: F401
         cli_repack,  # noqa: F401
