@@ -351,9 +351,18 @@ class Terminal:
     def interrupt(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)  # what the tty driver does on Ctrl-C
 
-    def close(self) -> int:
+    def close(self, timeout: float = 60) -> int:
+        """Waits for the exit while draining the terminal (a full pty buffer would block the child)."""
+        deadline = time.monotonic() + timeout
         try:
-            return self.proc.wait(timeout=30)
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                ready, _, _ = select.select([self.master], [], [], 0.1)
+                if ready:
+                    try:
+                        self.seen += os.read(self.master, 65536)
+                    except OSError:
+                        pass
+            return self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         finally:
             os.close(self.master)
 
