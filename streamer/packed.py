@@ -228,6 +228,8 @@ def _layer_from_json(d: dict) -> LayerEntry:
         raise ValueError(
             f"layer {entry.layer}: file {d['file']!r}/{d['file_bytes']} disagrees with its table"
         )
+    if len(entry.crc32) != entry.num_experts:
+        raise ValueError(f"layer {entry.layer}: {len(entry.crc32)} crc rows, {entry.num_experts} experts")
     return entry
 
 
