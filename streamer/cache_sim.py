@@ -13,6 +13,7 @@ have the same shape share one pool, as in ``ExpertCache``):
   slots runs in batches of ``slots``), so its hit count equals the runtime's with ``--prefetch parallel``.
 - ``simulate_optimal`` is Belady's MIN: on a miss, evict the cached expert whose next use is farthest
   away (never one the current step needs). No policy can have more hits on the same stream.
+- ``simulate_lfu`` is a candidate for comparison: evict the expert used least often so far.
 
 Names: S = slots in a pool, B = a batch of distinct experts needed at once.
 """
@@ -171,6 +172,18 @@ def simulate_optimal(
     return _per_pool(steps, slots, pool_of_layer, _optimal_pool)
 
 
+def simulate_lfu(
+    steps: Sequence[Step],
+    slots: int | Mapping[object, int],
+    pool_of_layer: Mapping[int, object] | None = None,
+) -> SimResult:
+    """A candidate policy, not the runtime's: evict the expert used least often so far (ties: least recently).
+
+    Counts persist after eviction, so a popular expert that was pushed out comes back ahead of one-offs.
+    """
+    return _per_pool(steps, slots, pool_of_layer, _lfu_pool)
+
+
 def _per_pool(steps, slots, pool_of_layer, run) -> SimResult:
     if pool_of_layer is None:
         if not isinstance(slots, int):
@@ -228,6 +241,42 @@ def _evict_lru(lru: OrderedDict, pinned: set) -> None:
         raise AssertionError("every slot pinned: a batch never exceeds the pool")
     for key in reversed(skipped):
         lru[key] = None
+
+
+def _lfu_pool(steps: Sequence[Step], slots: int) -> SimResult:
+    result = SimResult()
+    uses: dict[Key, int] = {}
+    cached: dict[Key, tuple[int, int]] = {}  # key -> (uses, last use) as pushed on the heap
+    heap: list[tuple[int, int, Key]] = []  # (uses, last use, key); stale entries skipped on pop
+    for clock, (step, batch) in enumerate(_batches(steps, slots)):
+        keys = [(step.layer, e) for e in batch]
+        needed = set(keys)
+        for key in keys:
+            hit = key in cached
+            result.count(step, hit)
+            if not hit and len(cached) >= slots:
+                _evict_least(cached, heap, needed)
+            uses[key] = uses.get(key, 0) + 1
+            cached[key] = (uses[key], clock)
+            heapq.heappush(heap, (uses[key], clock, key))
+    return result
+
+
+def _evict_least(cached: dict[Key, tuple[int, int]], heap: list, needed: set[Key]) -> None:
+    held = []
+    while heap:
+        item = heapq.heappop(heap)
+        if cached.get(item[2]) != item[:2]:
+            continue  # stale
+        if item[2] in needed:
+            held.append(item)
+            continue
+        del cached[item[2]]
+        break
+    else:
+        raise AssertionError("nothing evictable: a batch never exceeds the pool")
+    for item in held:
+        heapq.heappush(heap, item)
 
 
 def _optimal_pool(steps: Sequence[Step], slots: int) -> SimResult:

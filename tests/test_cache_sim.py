@@ -12,6 +12,7 @@ from streamer.cache_sim import (
     TraceError,
     make_step,
     read_trace,
+    simulate_lfu,
     simulate_lru,
     simulate_optimal,
 )
@@ -40,6 +41,16 @@ def test_small_sequences_by_hand():
     # With room for everything only compulsory misses remain.
     assert simulate_lru(_single(seq), 4).misses == 4
     assert simulate_optimal(_single(seq), 4).misses == 4
+
+
+def test_lfu_keeps_the_popular_expert():
+    # 1 is used often; 2, 3, 4 once each. 2 slots: LFU keeps 1 (hits at the end), LRU loses it to 3 and 4.
+    seq = [1, 1, 1, 2, 3, 4, 1]
+    assert simulate_lfu(_single(seq), 2).hits == 3
+    assert simulate_lru(_single(seq), 2).hits == 2
+    # Counts survive eviction: 5 (used twice before) beats 6 and 7 (once) when it returns.
+    seq = [5, 5, 6, 7, 5, 6, 5]
+    assert simulate_lfu(_single(seq), 2).hits == 3
 
 
 def test_layers_are_distinct_keys_and_pools_are_separate():
@@ -74,6 +85,7 @@ def test_optimal_never_below_lru_on_random_streams():
         lru, opt = simulate_lru(steps, slots), simulate_optimal(steps, slots)
         assert opt.hits >= lru.hits
         assert simulate_lru(steps, slots, lookup_first=True).hits <= opt.hits
+        assert simulate_lfu(steps, slots).hits <= opt.hits
 
 
 def test_a_miss_can_evict_an_expert_the_same_step_needs():
