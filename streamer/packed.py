@@ -32,7 +32,7 @@ MANIFEST_FILE = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
 EXPERTS_DIR = "experts"
 PROGRESS_FILE = "repack-progress.json"  # present only while a repack is unfinished
-CHUNK_BYTES = 64 << 20  # bounded buffer for whole-file passes
+CHUNK_BYTES = 4 << 20  # whole-file passes read this much, then checksum it while it is still in cache
 
 # magic, version, layer, experts, components, data_offset, block_bytes; then C × (name, dtype, offset, nbytes)
 _HEADER_FIXED = struct.Struct("<8sIIIIQQ")
