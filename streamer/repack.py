@@ -6,9 +6,10 @@ in ``repack-progress.json``. Output bytes depend only on the source, so a run re
 interruption (kill -9 included) ends byte-identical to an uninterrupted one.
 
 Data flow: reader threads scatter the next group of experts into a buffer while the main thread
-checksums and writes the current one, and a verifier thread re-reads the previous layer. Memory stays
-bounded by three ``GROUP_BYTES`` buffers whatever the model size. Bytes pass through user space (not
-``copy_file_range``) because every byte is checksummed on the way.
+checksums and writes the current one (in cache-sized slices), and a verifier thread re-reads the
+previous layer. Memory stays bounded by two ``GROUP_BYTES`` buffers and one small verify buffer
+whatever the model size. Bytes pass through user space (not ``copy_file_range``) because every byte is
+checksummed on the way.
 
 Names: E = experts in a layer, B = block bytes, n = experts per read group.
 """
