@@ -186,7 +186,8 @@ def study(name: str) -> tuple[list[list[str]], list[dict]]:
           f"{par['window']['cache_hits']} (simulator {sim}); prediction accuracy {acc:.3f}, misses read early "
           f"{early:.3f}; hit rate {a['hit_rate']:.3f} -> {b['hit_rate']:.3f}, MB/token {a['mb']:.2f} -> {b['mb']:.2f}, "
           f"stall s/token {a['stall_s']:.4f} -> {b['stall_s']:.4f}, s/token {a['s']:.4f} -> {b['s']:.4f}")  # fmt: skip
-    config = f"{name} {n_layers}L, {n_prompt}+{n_decode} tokens teacher-forced, global pool"
+    label = f"{name} ({packed.name})" if name == "demo" else name  # the demo changes as it is retrained
+    config = f"{label} {n_layers}L, {n_prompt}+{n_decode} tokens teacher-forced, global pool"
     at = {r["share"]: r for r in rows}
     head = at[0.3]
     curve_note = "; ".join(
