@@ -22,8 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results.tsv"
-COLUMNS = ["date", "commit", "machine", "config", "metric", "value", "ratio", "note"]
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results, drop_caches  # noqa: E402
 
 # Each child prints "<wall seconds> <bytes> <cpu seconds> <peak rss bytes>".
 _FOOTER = """
@@ -66,15 +66,6 @@ secs = time.monotonic() - start
 }
 
 
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def run_child(phase: str, *args: str) -> list[float]:
     drop_caches()
     out = subprocess.run(
@@ -89,14 +80,6 @@ def cpu_pressure() -> str:
     except (OSError, IndexError):
         return "n/a"
 
-
-def append_results(rows: list[list[str]]) -> None:
-    new = not RESULTS.exists()
-    with open(RESULTS, "a") as f:
-        if new:
-            f.write("\t".join(COLUMNS) + "\n")
-        for row in rows:
-            f.write("\t".join(row) + "\n")
 
 
 def main() -> None:
