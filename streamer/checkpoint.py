@@ -17,7 +17,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .config import ModelArgs
+from .errors import CheckpointError, ConfigError
 from .safetensors_file import TensorInfo, read_header
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ INDEX_FILE = "model.safetensors.index.json"
 EXTRA_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 _HF_PER_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+_WANTED = "give the directory of an mlx-community Qwen3.5 MoE checkpoint (config.json, *.safetensors)"
 _REQUIRED_CONFIG = ("hidden_size", "num_hidden_layers", "num_experts", "moe_intermediate_size")
 
 
@@ -108,12 +110,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if (path / "manifest.json").is_file() and (path / "resident.safetensors").is_file():
         raise CheckpointError(f"{path} is already a packed model: use it directly (streamer info {path})")
     if not config_path.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint (no config.json)")
+        raise CheckpointError(f"{path}: not a checkpoint (no config.json); {_WANTED}")
     raw_config = config_path.read_bytes()
     try:
         config = json.loads(raw_config)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{config_path}: not valid JSON ({e}); re-download config.json") from None
     _check_config(config, config_path)
     tensors = _read_tensors(path)
     if any(_HF_PER_EXPERT.search(n) for n in tensors):
@@ -121,21 +123,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{path}: experts are stored one tensor per expert (an original Hugging Face checkpoint); "
             "streamer reads mlx-community checkpoints: convert it with mlx_lm.convert first"
         )
-    for t in tensors.values():
-        if t.dtype not in STORED_DTYPES:
-            raise CheckpointError(f"{t.path}: tensor '{t.name}' has unexpected dtype {t.dtype}")
-    tc = config.get("text_config") or config
-    prefix = _text_prefix(tensors, path)
-    _check_required(tensors, tc, prefix, path)
-    quant = config.get("quantization") or config.get("quantization_config") or {}
-    experts, counts = [], []
-    for i in range(tc["num_hidden_layers"]):
-        layer = {
-            p: _expert_projection(tensors, tc, quant, f"{prefix}layers.{i}.mlp.switch_mlp.{p}", path)
-            for p in PROJECTIONS
-        }
-        counts.append(_layer_expert_count(tensors, layer, tc, prefix, i))
-        experts.append(layer)
+    try:
+        experts, counts = _check_tensors(config, tensors, path)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{e}; the tensors do not match config.json: download the checkpoint again "
+            "(or convert it with mlx_lm.convert)"
+        ) from None
     extra = sorted(
         p
         for p in path.iterdir()
@@ -152,7 +146,31 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
+def _check_tensors(config: dict, tensors: dict[str, TensorInfo], path: Path) -> tuple[list, list]:
+    """Dtypes, required modules and expert tensors against the config; (experts, counts) per layer."""
+    for t in tensors.values():
+        if t.dtype not in STORED_DTYPES:
+            raise CheckpointError(f"{t.path}: tensor '{t.name}' has unexpected dtype {t.dtype}")
+    tc = config.get("text_config") or config
+    prefix = _text_prefix(tensors, path)
+    _check_required(tensors, tc, prefix, path)
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    experts, counts = [], []
+    for i in range(tc["num_hidden_layers"]):
+        layer = {
+            p: _expert_projection(tensors, tc, quant, f"{prefix}layers.{i}.mlp.switch_mlp.{p}", path)
+            for p in PROJECTIONS
+        }
+        counts.append(_layer_expert_count(tensors, layer, tc, prefix, i))
+        experts.append(layer)
+    return experts, counts
+
+
 def _check_config(config: dict, config_path: Path) -> None:
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{config_path}: must hold a JSON object, got {type(config).__name__}; re-download config.json"
+        )
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -160,9 +178,18 @@ def _check_config(config: dict, config_path: Path) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3.5 mixture-of-experts) checkpoints"
         )
     tc = config.get("text_config") or config
+    if not isinstance(tc, dict):
+        raise CheckpointError(f"{config_path}: text_config must be an object; re-download config.json")
     missing = [k for k in _REQUIRED_CONFIG if not isinstance(tc.get(k), int)]
     if missing:
-        raise CheckpointError(f"{config_path}: missing or non-integer {', '.join(missing)}")
+        raise CheckpointError(
+            f"{config_path}: missing or non-integer {', '.join(missing)} (a Qwen3.5 MoE config.json has "
+            "them under text_config or at the top level); re-download config.json"
+        )
+    try:  # everything the runtime will need, checked now rather than after hours of copying
+        ModelArgs.from_dict(config, source=str(config_path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _read_tensors(path: Path) -> dict[str, TensorInfo]:
@@ -172,21 +199,28 @@ def _read_tensors(path: Path) -> dict[str, TensorInfo]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index ({e!r})") from None
+            raise CheckpointError(
+                f"{index_path}: not a safetensors index ({e!r}); download it again"
+            ) from None
         shard_names = sorted(set(weight_map.values()))
         for name in shard_names:
             if not (path / name).is_file():
                 raise CheckpointError(
-                    f"{path}: shard {name} named in {INDEX_FILE} is missing (incomplete download?)"
+                    f"{path}: shard {name} named in {INDEX_FILE} is missing (incomplete download?); "
+                    "download it again"
                 )
         shards = [path / n for n in shard_names]
     else:
         shards = sorted(path.glob("*.safetensors"))
         if not shards:
-            raise CheckpointError(f"{path}: not a checkpoint (no *.safetensors files)")
+            raise CheckpointError(f"{path}: not a checkpoint (no *.safetensors files); {_WANTED}")
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
-        for name, info in read_header(shard)[0].items():
+        try:
+            header = read_header(shard)[0]
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; download {shard.name} again") from None
+        for name, info in header.items():
             if name in tensors:
                 raise CheckpointError(
                     f"{path}: tensor '{name}' is in both {tensors[name].path.name} and {shard.name}"
@@ -195,7 +229,8 @@ def _read_tensors(path: Path) -> dict[str, TensorInfo]:
     for name, shard in (weight_map or {}).items():
         if name not in tensors or tensors[name].path.name != shard:
             raise CheckpointError(
-                f"{path}: {INDEX_FILE} places tensor '{name}' in {shard}, which does not hold it"
+                f"{path}: {INDEX_FILE} places tensor '{name}' in {shard}, which does not hold it; "
+                "the index and the shards are from different downloads: download both again"
             )
     return tensors
 

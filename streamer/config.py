@@ -96,19 +96,28 @@ class ModelArgs:
                 )
 
     @classmethod
-    def from_dict(cls, config: Mapping) -> ModelArgs:
+    def from_dict(cls, config: Mapping, source: str = "config.json") -> ModelArgs:
         """Builds the args from a config.json dict (``text_config`` nested or flat).
 
+        Args:
+            config: the parsed config.json.
+            source: how errors name the config (e.g. its path).
+
         Raises:
-            ConfigError: unknown model_type, missing required fields or inconsistent values.
+            ConfigError: unknown model_type, missing or mistyped required fields, inconsistent values.
         """
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"{source}: must hold a JSON object, got {type(config).__name__}")
         top_type = config.get("model_type")
         if top_type not in MODEL_TYPES:
             raise ConfigError(
-                f"model_type {top_type!r} is not supported; streamer runs Qwen3.5 MoE checkpoints "
+                f"{source}: model_type {top_type!r} is not supported; streamer runs Qwen3.5 MoE checkpoints "
                 f"(model_type one of {', '.join(MODEL_TYPES)})"
             )
-        params = dict(config.get("text_config", config))
+        params = config.get("text_config", config)
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{source}: text_config must be an object, got {type(params).__name__}")
+        params = dict(params)
         params.setdefault("model_type", top_type)
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         required = [
@@ -118,7 +127,14 @@ class ModelArgs:
         ]
         missing = [name for name in required if name not in params]
         if missing:
-            raise ConfigError(f"config.json is missing required text-model fields: {', '.join(missing)}")
+            raise ConfigError(
+                f"{source} is missing required text-model fields: {', '.join(missing)} (a Qwen3.5 MoE "
+                "config.json has them under text_config or at the top level); re-download config.json"
+            )
+        bad = [n for n in required if n != "model_type" and not _positive_int(params[n])]
+        if bad:
+            got = ", ".join(f"{n}={params[n]!r}" for n in bad)
+            raise ConfigError(f"{source}: {got}: must be positive integers; re-download config.json")
         return cls(**{k: v for k, v in params.items() if k in names})
 
     @property
@@ -133,6 +149,10 @@ class ModelArgs:
     def conv_dim(self) -> int:
         """Channels of the DeltaNet short convolution: q, k and v side by side."""
         return 2 * self.linear_key_dim + self.linear_value_dim
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class Quant(NamedTuple):

@@ -69,7 +69,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise SafetensorsError(f"{path}: file is {size} bytes, too short to be safetensors")
+            raise SafetensorsError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise SafetensorsError(
@@ -81,13 +81,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
     data_start = 8 + header_len
     tensors = {}
     for name, entry in header.items():
-        dtype, shape = entry["dtype"], tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        try:
+            dtype, shape = entry["dtype"], tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: tensor '{name}': malformed header entry {entry!s:.80}") from None
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise SafetensorsError(f"{path}: tensor '{name}' has unknown dtype {dtype}")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dtype]
         if end - begin != expected:
@@ -95,7 +100,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                 f"{path}: tensor '{name}' spans {end - begin} bytes, but {dtype}{list(shape)} "
                 f"needs {expected}"
             )
-        if data_start + end > size:
+        if begin < 0 or data_start + end > size:
             raise SafetensorsError(
                 f"{path}: tensor '{name}' data ends at byte {data_start + end}, beyond the file's "
                 f"{size} bytes (truncated download?)"

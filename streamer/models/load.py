@@ -51,7 +51,7 @@ def load_model(
     """
     path = Path(path)
     config = read_config(path)
-    args = ModelArgs.from_dict(config)
+    args = ModelArgs.from_dict(config, source=str(path / "config.json"))
     dtype = _resolve_dtype(dtype)
     weights = read_weights(path)
     model = Model(args, dtype=dtype, delta_rule=delta_rule)
@@ -67,9 +67,9 @@ def read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found: is {path} a model checkpoint directory?")
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+        return json.loads(config_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e}); re-download it") from None
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:
