@@ -86,6 +86,8 @@ def describe_plan(plan: RepackPlan) -> str:
     if status == "resume":
         res = "resident + " if journal.resident_crc32 is not None else ""
         status = f"resume ({res}{len(journal.layers)} of {len(plan.layers)} layers already done)"
+    elif status == "repair":
+        status = "damaged: repack rewrites the damaged files"
     probe = plan.dst
     while not probe.exists():
         probe = probe.parent
@@ -125,8 +127,12 @@ def repack(src: str, dst: Path | None, dry_run: bool) -> None:
         click.echo(f"already packed: {plan.dst} (streamer verify re-checks every byte)", err=True)
         return
     rate = result.bytes_written / max(result.seconds, 1e-9)
+    if result.status == "repaired":
+        what = f"{_size(result.bytes_written)} of damaged files in"
+    else:
+        what = f"{len(plan.layers)} layers into"
     click.echo(
-        f"{result.status} {len(plan.layers)} layers into {plan.dst} in {result.seconds:.1f} s "
+        f"{result.status} {what} {plan.dst} in {result.seconds:.1f} s "
         f"({rate / 1e9:.2f} GB/s); verified as written",
         err=True,
     )

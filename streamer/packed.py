@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, PackedFormatError
+from .paths import looks_like_hub_id
 from .safetensors_file import DTYPE_SIZES, TensorInfo, read_header, tensor_nbytes
 
 FORMAT_NAME = "streamer-packed"
@@ -184,16 +185,17 @@ class Manifest:
     @classmethod
     def from_json_bytes(cls, raw: bytes, path: Path) -> Manifest:
         """Parses and checks a manifest; every bound is checked here, before any file is read."""
+        anew = _REPACK_ANEW.format(path.parent)
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PackedFormatError(f"{path}: not valid JSON ({e}); re-run streamer repack") from None
+            raise PackedFormatError(f"{path}: not valid JSON ({e}); {anew}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise PackedFormatError(f"{path}: not a {FORMAT_NAME} manifest")
+            raise PackedFormatError(f"{path}: not a {FORMAT_NAME} manifest; {anew}")
         if doc.get("version") != FORMAT_VERSION:
             raise PackedFormatError(
-                f"{path}: format version {doc.get('version')}, this streamer reads version {FORMAT_VERSION}; "
-                "re-run streamer repack with this version"
+                f"{path}: packed format version {doc.get('version')!r}, this streamer reads version "
+                f"{FORMAT_VERSION}: use the streamer that wrote it, or {anew}"
             )
         try:
             layers = tuple(_layer_from_json(d) for d in doc["layers"])
@@ -209,10 +211,32 @@ class Manifest:
                 },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PackedFormatError(f"{path}: malformed manifest ({e!r}); re-run streamer repack") from None
-        for i, entry in enumerate(manifest.layers):
-            check_layer_entry(entry, path, expected_layer=i)
+            raise PackedFormatError(f"{path}: malformed manifest ({e!r}); {anew}") from None
+        try:
+            for i, entry in enumerate(manifest.layers):
+                check_layer_entry(entry, path, expected_layer=i)
+        except PackedFormatError as e:
+            raise PackedFormatError(f"{e}; {anew}") from None
         return manifest
+
+
+_REPACK_ANEW = 'delete {} and run "streamer repack" again'
+
+
+def repair_hint(path: Path, manifest: Manifest, file: Path | None = None) -> str:
+    """How to rewrite damaged files of the packed model at ``path`` from its source checkpoint.
+
+    With ``file`` (damage only a full verify sees), the file must be deleted first; damage that
+    ``open_packed`` sees is found by repack itself.
+    """
+    name = str(manifest.source.get("name", ""))
+    src = name if looks_like_hub_id(name) else "SRC"
+    command = f'"streamer repack {src} {path}"'
+    if src == "SRC":
+        command += f" (SRC: the {name!r} checkpoint it was packed from)"
+    if file is not None:
+        return f"delete {file}, then rewrite it with {command}"
+    return f"rewrite the damaged files with {command}"
 
 
 def _layer_from_json(d: dict) -> LayerEntry:
@@ -473,6 +497,15 @@ def open_packed(path: str | os.PathLike) -> PackedModel:
     """
     path = Path(path)
     manifest = read_manifest(path)
+    try:
+        check_packed_files(path, manifest)
+    except PackedFormatError as e:
+        raise PackedFormatError(f"{e}; {repair_hint(path, manifest)}") from None
+    return PackedModel(path, manifest)
+
+
+def check_packed_files(path: Path, manifest: Manifest) -> None:
+    """Every file exists with its manifest size; layer headers and resident tensor names match."""
     _check_size(path / RESIDENT_FILE, manifest.resident_bytes)
     names = set(_read_resident_header(path / RESIDENT_FILE))
     if names != set(manifest.resident_crc32):
@@ -487,12 +520,11 @@ def open_packed(path: str | os.PathLike) -> PackedModel:
         _check_size(file, entry.file_bytes)
         with open(file, "rb") as f:
             check_layer_header(f.read(entry.data_offset), entry, file)
-    return PackedModel(path, manifest)
 
 
 def _check_size(file: Path, expected: int) -> None:
     if not file.is_file():
-        raise PackedFormatError(f"{file}: missing; re-run streamer repack")
+        raise PackedFormatError(f"{file}: missing")
     size = file.stat().st_size
     if size != expected:
         raise PackedFormatError(f"{file}: {size} bytes, the manifest says {expected} (truncated or modified)")
@@ -538,7 +570,7 @@ def verify_layer_file(file: Path, entry: LayerEntry, progress: Progress | None =
                     if got != want:
                         raise PackedFormatError(
                             f"{where} expert {e0 + j} component {c.name}: checksum mismatch "
-                            f"(manifest {want:08x}, file {got:08x}); re-run streamer repack"
+                            f"(manifest {want:08x}, file {got:08x})"
                         )
                 if bad_padding[j]:
                     raise PackedFormatError(f"{where} expert {e0 + j}: non-zero bytes in block padding")
@@ -573,7 +605,7 @@ def verify_resident_file(
             if crc != crcs[name]:
                 raise PackedFormatError(
                     f"{file}: resident tensor '{name}': checksum mismatch (manifest {crcs[name]:08x}, "
-                    f"file {crc:08x}); re-run streamer repack"
+                    f"file {crc:08x})"
                 )
     finally:
         os.close(fd)
@@ -586,15 +618,26 @@ def verify_packed(path: str | os.PathLike, progress: Progress | None = None) -> 
         PackedFormatError: naming the first bad file / tensor / layer / expert / component.
     """
     model = open_packed(path)
-    path = model.path
-    for name, meta in model.manifest.files.items():
-        got = crc32_file(path / name, progress)
-        if got != meta["crc32"]:
-            raise PackedFormatError(
-                f"{path / name}: checksum mismatch (manifest {meta['crc32']:08x}, file {got:08x})"
-            )
-    m = model.manifest
-    verify_resident_file(path / RESIDENT_FILE, m.resident_bytes, m.resident_crc32, progress)
+    path, m = model.path, model.manifest
+
+    def check(file: Path, verify_file: Callable[[], None]) -> None:
+        try:
+            verify_file()
+        except PackedFormatError as e:
+            raise PackedFormatError(f"{e}; {repair_hint(path, m, file)}") from None
+
+    for name, meta in m.files.items():
+        check(path / name, lambda name=name, meta=meta: _verify_copied_file(path / name, meta, progress))
+    check(
+        path / RESIDENT_FILE,
+        lambda: verify_resident_file(path / RESIDENT_FILE, m.resident_bytes, m.resident_crc32, progress),
+    )
     for entry in m.layers:
-        verify_layer_file(path / entry.file, entry, progress)
+        check(path / entry.file, lambda entry=entry: verify_layer_file(path / entry.file, entry, progress))
     return m
+
+
+def _verify_copied_file(file: Path, meta: dict, progress: Progress | None) -> None:
+    got = crc32_file(file, progress)
+    if got != meta["crc32"]:
+        raise PackedFormatError(f"{file}: checksum mismatch (manifest {meta['crc32']:08x}, file {got:08x})")

@@ -35,6 +35,11 @@ def models_dir() -> Path:
     return data_dir() / "models"
 
 
+def looks_like_hub_id(arg: str) -> bool:
+    """True when ``arg`` is spelled like a hub id (``org/name``), whether or not such a path exists."""
+    return bool(_HUB_ID.match(arg))
+
+
 def is_hub_id(arg: str) -> bool:
     """True when ``arg`` reads as ``org/name`` and is not an existing local path."""
     return bool(_HUB_ID.match(arg)) and not Path(arg).exists()
@@ -115,6 +120,11 @@ def resolve_packed_model(arg: str | os.PathLike) -> Path:
     for cand in candidates:
         if (cand / MANIFEST_FILE).is_file():
             return cand
+        if (cand / PROGRESS_FILE).is_file() and cand == path:  # the unfinished output directory itself
+            raise PackedFormatError(
+                f"{cand}: a repack into it was interrupted and is incomplete; run "
+                f'"streamer repack SRC {cand}" again (SRC: {_journal_source(cand)}) to resume it'
+            )
         if (cand / PROGRESS_FILE).is_file():
             raise PackedFormatError(
                 f"{cand}: the repack of {arg} was interrupted and is incomplete; "
@@ -122,7 +132,22 @@ def resolve_packed_model(arg: str | os.PathLike) -> Path:
             )
     if path.exists() and path.is_dir() and not (path / "config.json").is_file():
         raise PackedFormatError(f"{path}: not a packed model (no {MANIFEST_FILE})")
+    if path.exists() and not path.is_dir():
+        raise PackedFormatError(f"{path}: not a directory (expected a packed model directory or a hub id)")
+    if not path.exists() and not _HUB_ID.match(arg):
+        raise PackedFormatError(f"{arg}: no such directory (and not a Hugging Face id like org/name)")
     raise PackedFormatError(f'{arg} is not packed yet: run "streamer repack {arg}" first')
+
+
+def _journal_source(path: Path) -> str:
+    """The source an unfinished repack was packing, as its journal names it."""
+    import json
+
+    try:
+        name = json.loads((path / PROGRESS_FILE).read_bytes())["source"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the checkpoint it was packing"
+    return f"the {name!r} checkpoint"
 
 
 def list_packed_dirs() -> list[Path]:

@@ -44,6 +44,7 @@ from .packed import (
     Component,
     LayerEntry,
     Manifest,
+    check_packed_files,
     crc32_file,
     fsync_dir,
     make_layer_entry,
@@ -230,7 +231,10 @@ def _same_source(recorded: dict, plan: RepackPlan) -> bool:
 
 
 def inspect_destination(plan: RepackPlan) -> tuple[str, Journal | None]:
-    """What DST holds: ("new", None), ("resume", journal) or ("complete", None).
+    """What DST holds: ("new", None), ("resume", journal), ("repair", journal) or ("complete", None).
+
+    "repair": DST is this model's packed copy but the open-time checks (sizes, headers) fail; the
+    journal holds the steps the manifest records, and those whose files are intact are kept.
 
     Raises:
         DestinationError: when DST holds another model or something that is not a packed model.
@@ -245,6 +249,11 @@ def inspect_destination(plan: RepackPlan) -> tuple[str, Journal | None]:
         manifest = Manifest.from_json_bytes((dst / MANIFEST_FILE).read_bytes(), dst / MANIFEST_FILE)
         if not _same_source(manifest.source, plan):
             raise DestinationError(other.format(manifest.source.get("name")))
+        try:
+            check_packed_files(dst, manifest)
+        except PackedFormatError as e:
+            log.warning("%s is damaged (%s): rewriting what is damaged", dst, e)
+            return "repair", _journal_from_manifest(manifest, plan)
         return "complete", None
     if (dst / PROGRESS_FILE).is_file():
         journal = Journal.from_bytes((dst / PROGRESS_FILE).read_bytes(), dst / PROGRESS_FILE)
@@ -257,6 +266,18 @@ def inspect_destination(plan: RepackPlan) -> tuple[str, Journal | None]:
             return "resume", Journal(journal.source, plan.plan_sha256())
         return "resume", journal
     raise DestinationError(f"{dst} exists and is not a streamer packed model; refusing to write into it")
+
+
+def _journal_from_manifest(manifest: Manifest, plan: RepackPlan) -> Journal:
+    """The steps a complete manifest records, as a journal (none if the layout is not the plan's)."""
+    journal = Journal(manifest.source, plan.plan_sha256())
+    layout = tuple(dataclasses.replace(e, crc32=()) for e in manifest.layers)
+    if layout != plan.layers or manifest.resident_bytes != plan.resident_bytes:
+        log.warning("%s: layout differs from this streamer's (other version?): rewriting all", plan.dst)
+        return journal
+    journal.resident_crc32 = dict(manifest.resident_crc32)
+    journal.layers = {e.layer: e.crc32 for e in manifest.layers}
+    return journal
 
 
 def _drop_incomplete(plan: RepackPlan, journal: Journal) -> int:
@@ -387,6 +408,9 @@ def run_repack(
     start = time.monotonic()
     status, journal = inspect_destination(plan)
     if status == "complete":
+        if _leftovers(plan.dst):  # a run killed after writing the manifest, before cleaning up
+            with _locked(plan.dst):
+                _remove_leftovers(plan.dst)
         return RepackResult(plan.dst, "already packed", 0, 0.0)
     journal = journal or Journal(plan.source_record(), plan.plan_sha256())
     done = _drop_incomplete(plan, journal)
@@ -396,6 +420,9 @@ def run_repack(
         if inspect_destination(plan)[0] != status:
             raise DestinationError(f"{plan.dst} changed while starting; run the command again")
         write_atomic(plan.dst / PROGRESS_FILE, journal.to_bytes())
+        if status == "repair":  # from here on DST must not look complete until the manifest is rewritten
+            (plan.dst / MANIFEST_FILE).unlink()
+            fsync_dir(plan.dst)
         report = _Progress(plan.total_bytes, done, progress)
         sources = _Sources(t.path for t in plan.checkpoint.tensors.values())
         try:
@@ -409,7 +436,7 @@ def run_repack(
             raise
         finally:
             sources.close()
-    outcome = "resumed" if status == "resume" else "packed"
+    outcome = {"resume": "resumed", "repair": "repaired"}.get(status, "packed")
     return RepackResult(plan.dst, outcome, report.written, time.monotonic() - start)
 
 
@@ -451,8 +478,17 @@ def _write_all_steps(
         files=files,
     )
     write_atomic(dst / MANIFEST_FILE, manifest.to_json_bytes())  # the step that makes DST complete
-    (dst / PROGRESS_FILE).unlink()
-    for stale in [*dst.glob("*.partial"), *dst.glob("*.tmp"), *(dst / EXPERTS_DIR).glob("*.partial")]:
+    _remove_leftovers(dst)
+
+
+def _leftovers(dst: Path) -> list[Path]:
+    """Files of an unfinished run: the journal, partial files, temporary files of atomic writes."""
+    found = [*dst.glob("*.partial"), *dst.glob("*.tmp"), *(dst / EXPERTS_DIR).glob("*.partial")]
+    return found + [dst / PROGRESS_FILE] if (dst / PROGRESS_FILE).exists() else found
+
+
+def _remove_leftovers(dst: Path) -> None:
+    for stale in _leftovers(dst):
         stale.unlink()
     fsync_dir(dst)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -273,6 +274,72 @@ def test_sigkill_mid_layer_then_cli_resume(reference, tmp_path):
     done = subprocess.run(cli, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resumed" in done.stderr and _tree(dst) == want
+
+
+_KILLER = """
+import os, signal, sys
+from streamer import repack
+from streamer.repack import make_plan, run_repack
+repack.GROUP_BYTES = 4 * 16384
+kind, arg = sys.argv[3].split(":")
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def progress(done, total):
+    if kind == "bytes" and done >= int(arg):
+        die()
+real = repack.write_atomic
+def write_atomic(path, data):  # "tmp": killed before the rename; "replace": right after it
+    if kind == "tmp" and path.name == arg:
+        path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+        die()
+    real(path, data)
+    if kind == "replace" and path.name == arg:
+        die()
+repack.write_atomic = write_atomic
+run_repack(make_plan(sys.argv[1], sys.argv[2]), progress=progress)
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sigkill_at_seeded_points_resumes_byte_identical(reference, tmp_path, seed):
+    """One destination, killed (SIGKILL) again and again: at seeded random byte counts, while writing
+    the journal, and just after the manifest; each run resumes the last and the end is byte-identical."""
+    src, want = reference
+    dst = tmp_path / "out"
+    total = make_plan(src, dst).total_bytes
+    points = sorted(random.Random(seed).sample(range(1, total), 3))
+    kills = [f"bytes:{p}" for p in points] + [f"tmp:{PROGRESS_FILE}", f"replace:{MANIFEST_FILE}"]
+    for kill in kills:
+        run = subprocess.run([sys.executable, "-c", _KILLER, str(src), str(dst), kill], capture_output=True)
+        assert run.returncode == -signal.SIGKILL, (kill, run.stderr.decode())
+    assert (dst / MANIFEST_FILE).exists() and (dst / PROGRESS_FILE).exists()  # complete, not cleaned up
+    cli = [sys.executable, "-c", "from streamer.cli import main; main()", "repack", str(src), str(dst)]
+    done = subprocess.run(cli, capture_output=True, text=True)
+    assert done.returncode == 0 and "already packed" in done.stderr, done.stderr
+    assert _tree(dst) == want
+    verify_packed(dst)
+
+
+def test_damaged_packed_model_is_repaired_in_place(reference, tmp_path):
+    """A complete copy with a truncated layer, a missing tokenizer and a damaged resident header: repack
+    rewrites just those (what the open-time checks name) and the result is byte-identical."""
+    src, want = reference
+    dst = tmp_path / "out"
+    _repack(src, dst)
+    os.truncate(dst / "experts" / "layer_002.bin", 50_000)
+    (dst / "tokenizer.json").unlink()
+    _flip(dst / RESIDENT_FILE, 100)
+    with pytest.raises(PackedFormatError, match=r"rewrite the damaged files with \"streamer repack SRC"):
+        open_packed(dst)
+    result = _repack(src, dst)
+    assert result.status == "repaired" and _tree(dst) == want
+    assert result.bytes_written < sum(len(v) for v in want.values()) // 2  # layers 0, 1, 3 kept
+    _flip(dst / "experts" / "layer_001.bin", 20_000)  # damage only a full verify sees
+    with pytest.raises(PackedFormatError, match="delete .*layer_001.bin, then rewrite it with"):
+        verify_packed(dst)
+    assert _repack(src, dst).status == "already packed"
+    (dst / "experts" / "layer_001.bin").unlink()
+    assert _repack(src, dst).status == "repaired" and _tree(dst) == want
 
 
 # ----------------------------------------------------------------------------------------------------
