@@ -14,11 +14,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from .config import ModelArgs, QuantSpec, RuntimeConfig, default_cache_bytes
-from .errors import CheckpointError
+from .errors import CheckpointError, PackedFormatError
 from .experts.streamed import ExpertRuntime, StreamedExperts, block_shape_of
 from .models.load import _resolve_dtype, assign_weights, load_model, quantize_modules
 from .models.qwen3_5_moe import Model
-from .packed import MANIFEST_FILE, open_packed
+from .packed import MANIFEST_FILE, PackedModel, open_packed, repair_hint
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,9 @@ def load_engine(path: str | Path, config: RuntimeConfig | None = None, *, reside
 def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
     """Builds the model from a packed directory: resident weights loaded, experts behind the cache."""
     packed = open_packed(path)
-    raw_config = json.loads((path / "config.json").read_text())
-    args = ModelArgs.from_dict(raw_config)
+    raw_config = read_config(packed)
+    args = ModelArgs.from_dict(raw_config, source=str(path / "config.json"))
+    check_matches_config(packed, args)
     model = Model(args, dtype=_resolve_dtype(config.dtype))
     runtime = ExpertRuntime(
         packed,
@@ -105,6 +106,49 @@ def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
         packed.manifest.expert_bytes / 1e9,
     )
     return Engine(model, args, Tokenizer(path), path, runtime)
+
+
+def check_matches_config(packed: PackedModel, args: ModelArgs) -> None:
+    """The manifest's expert layers must be the ones config.json describes (same model, same shapes).
+
+    Raises:
+        PackedFormatError: naming the manifest, the layer and what differs.
+    """
+    where = packed.path / MANIFEST_FILE
+    fix = "the directory mixes files of different models; repack the checkpoint into a new directory"
+    layers = packed.manifest.layers
+    if len(layers) != args.num_hidden_layers:
+        raise PackedFormatError(
+            f"{where}: {len(layers)} expert layers, config.json says num_hidden_layers="
+            f"{args.num_hidden_layers}; {fix}"
+        )
+    H, I = args.hidden_size, args.moe_intermediate_size
+    for entry in layers:
+        for name, rows in (("gate_proj", I), ("up_proj", I), ("down_proj", H)):
+            try:
+                shape = entry.component(f"{name}.weight").shape
+            except KeyError:
+                raise PackedFormatError(f"{where}: layer {entry.layer} has no {name}.weight; {fix}") from None
+            if not shape or shape[0] != rows:
+                raise PackedFormatError(
+                    f"{where}: layer {entry.layer} {name}.weight is {list(shape)} per expert, config.json "
+                    f"implies [{rows}, ...] (hidden_size {H}, moe_intermediate_size {I}); {fix}"
+                )
+        if entry.num_experts < args.num_experts_per_tok:
+            raise PackedFormatError(
+                f"{where}: layer {entry.layer} has {entry.num_experts} experts, fewer than "
+                f"num_experts_per_tok={args.num_experts_per_tok} in config.json; {fix}"
+            )
+
+
+def read_config(packed: PackedModel) -> dict:
+    """config.json of a packed model, parsed (``open_packed`` checked its size, not its bytes)."""
+    file = packed.path / "config.json"
+    try:
+        return json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        hint = repair_hint(packed.path, packed.manifest, file)
+        raise PackedFormatError(f"{file}: not valid JSON ({e}); {hint}") from None
 
 
 def _wire_memory(nbytes: int) -> None:
