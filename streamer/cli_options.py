@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from pathlib import Path
 
 import click
 
 from .config import IO_MODES, PREFETCH_MODES, RuntimeConfig
 from .engine import Engine, is_packed, load_engine
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ def runtime_options(command):
         ),
         click.option("--threads", type=int, default=8, show_default=True, help="Expert reader threads."),
         click.option(
+            "--io-timeout",
+            type=float,
+            default=60.0,
+            show_default=True,
+            help="Seconds one expert read may take before the request fails (a stalled or detached disk).",
+        ),
+        click.option(
             "--dtype",
             type=click.Choice(["float32", "bfloat16", "float16"]),
             default=None,
@@ -70,20 +79,21 @@ def runtime_config(
     prefetch: str,
     threads: int,
     dtype: str | None,
+    io_timeout: float = 60.0,
 ) -> RuntimeConfig:
     """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
-    cache_bytes = None if cache_gb is None else int(cache_gb * 1e9)
-    if cache_gb is not None and cache_gb <= 0:
-        from .errors import ConfigError
-
-        raise ConfigError(f"--cache-gb must be positive, got {cache_gb:g}")
+    if cache_gb is not None and not (cache_gb > 0 and math.isfinite(cache_gb)):
+        raise ConfigError(f"--cache-gb must be a positive number of GB, got {cache_gb:g}")
+    if not (io_timeout > 0 and math.isfinite(io_timeout)):
+        raise ConfigError(f"--io-timeout must be a positive number of seconds, got {io_timeout:g}")
     return RuntimeConfig(
-        cache_bytes=cache_bytes,
+        cache_bytes=None if cache_gb is None else int(cache_gb * 1e9),
         cache_experts=cache_experts,
         io_mode=io_mode,
         prefetch=prefetch,
         threads=threads,
         dtype=dtype,
+        io_timeout_s=io_timeout,
     )
 
 
@@ -91,7 +101,8 @@ def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
     """Removes the shared flags from a command's kwargs: (RuntimeConfig, resident flag)."""
     resident = kwargs.pop("resident")
     names = ("cache_gb", "cache_experts", "io_mode", "prefetch", "threads", "dtype")
-    return runtime_config(**{n: kwargs.pop(n) for n in names}), resident
+    values = {n: kwargs.pop(n) for n in names}
+    return runtime_config(**values, io_timeout=kwargs.pop("io_timeout", 60.0)), resident
 
 
 def resolve_model(model: str | None, resident: bool = False) -> Path:

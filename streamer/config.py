@@ -8,6 +8,7 @@ or flat), ignores the rest and derives everything else in ``__post_init__``. ``Q
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -272,7 +273,7 @@ class RuntimeConfig:
     prefetch: str = "parallel"
     threads: int = 8
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
-    io_timeout_s: float = 60.0
+    io_timeout_s: float = 60.0  # --io-timeout: the longest wait for one expert read
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_experts is not None:
@@ -287,8 +288,8 @@ class RuntimeConfig:
             raise ConfigError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
-        if self.io_timeout_s <= 0:
-            raise ConfigError(f"io timeout must be positive, got {self.io_timeout_s}")
+        if not (self.io_timeout_s > 0 and math.isfinite(self.io_timeout_s)):
+            raise ConfigError(f"--io-timeout must be a positive number of seconds, got {self.io_timeout_s}")
 
 
 def total_ram_bytes() -> int:

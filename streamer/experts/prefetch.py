@@ -56,8 +56,9 @@ class Prefetcher:
             self.reads += 1
         return n
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Stops the workers; queued reads are cancelled, running ones finished (waited for if ``wait``)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
     def __enter__(self) -> Prefetcher:
         return self

@@ -30,6 +30,10 @@ class ExpertReadError(StreamerError):
     """Reading an expert block failed (I/O error, short read): names the file, layer and expert."""
 
 
+class ExpertReadTimeout(ExpertReadError):
+    """An expert read did not finish within the I/O timeout (a stalled or detached disk)."""
+
+
 class ExpertStore:
     """Positional reads of expert blocks of one packed model.
 

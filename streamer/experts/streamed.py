@@ -20,19 +20,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-from ..errors import StreamerError
 from ..models.experts import switch_glu
 from ..packed import LayerEntry, PackedModel
 from .cache import BlockShape, Component, ExpertCache
 from .prefetch import Prefetcher
-from .store import ExpertStore
+from .store import ExpertReadTimeout, ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,7 @@ class ExpertRuntime:
         self.stats = StreamStats()
         self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
         self._predicted: dict[int, set[int]] = {}  # layer -> experts guessed for it
+        self._orphans: list[tuple[int, int, int, Future]] = []  # (layer, expert, slot, read) abandoned
         # Called as on_route(layer, ids [tokens, K]) for every routing decision (for --trace).
         self.on_route = None
 
@@ -105,6 +105,7 @@ class ExpertRuntime:
 
         The caller may compute with the hits' slots before calling ``finish``.
         """
+        self._reclaim()
         self._score_prediction(layer, experts)
         self._settle_prefetched(layer, keep=set(experts))
         slots: dict[int, int] = {}
@@ -121,71 +122,95 @@ class ExpertRuntime:
                     self.cache.pin(layer, [slot])
                     self.stats.hits += 1
                 else:
+                    self._check_not_stuck(layer, e)
                     slot = self.cache.allocate(layer, e)
                     pending.append((e, slot, self._read(layer, e, pool.buffers(slot))))
                     self.stats.misses += 1
                 slots[e] = slot
-        except BaseException:
-            self._abandon(layer, slots, pending)
+        except BaseException as e:
+            self._abandon(layer, slots, pending, stalled=isinstance(e, ExpertReadTimeout))
             raise
         return slots, pending
 
     def finish(self, layer: int, slots: dict[int, int], pending: list) -> None:
-        """Waits for the reads ``begin`` started; on failure every slot of the step is released."""
+        """Waits for the reads ``begin`` started; on failure every slot of the step is released (and
+        ``slots`` emptied, so that a ``release`` of it afterwards is a no-op)."""
         try:
             self._wait(layer, pending)
-        except BaseException:
-            self._abandon(layer, slots, pending)
+        except BaseException as e:
+            self._abandon(layer, slots, pending, stalled=isinstance(e, ExpertReadTimeout))
+            slots.clear()  # all released: the caller's release() in its finally must not unpin them again
             raise
 
     def _read(self, layer: int, expert: int, buffers: list) -> Future:
-        if self.prefetch_mode != "off":
-            return self.prefetcher.submit(layer, expert, buffers)
-        # "off": read now, on this thread, one expert after another (the simple reference path).
-        fut: Future = Future()
-        start = time.perf_counter()
-        try:
-            fut.set_result(self.store.read_block(layer, expert, buffers))
-            self.prefetcher.bytes_read += fut.result()
-        except Exception as e:  # noqa: BLE001 - delivered through the future like a threaded read
-            fut.set_exception(e)
-        self.stats.stall_s += time.perf_counter() - start
+        fut = self.prefetcher.submit(layer, expert, buffers)
+        if self.prefetch_mode == "off":
+            # "off": each read is waited for before the next starts (the simple reference path); it
+            # still runs on a reader thread so that the wait has a timeout.
+            start = time.perf_counter()
+            wait([fut], timeout=self.io_timeout_s)
+            self.stats.stall_s += time.perf_counter() - start
         return fut
 
     def _wait(self, layer: int, pending: list[tuple[int, int, Future]]) -> None:
         start = time.perf_counter()
+        timeout = 0 if self.prefetch_mode == "off" else self.io_timeout_s  # "off" waited in _read
         for e, slot, fut in pending:
             try:
-                fut.result(timeout=self.io_timeout_s)
+                fut.result(timeout=timeout)
             except FutureTimeout:
-                raise StreamerError(
-                    f"reading layer {layer} expert {e} took longer than {self.io_timeout_s:.0f} s; "
-                    "is the disk still attached?"
+                raise ExpertReadTimeout(
+                    f"{self.packed.path / self.layer_entry(layer).file}: reading layer {layer} expert {e} "
+                    f"took longer than {self.io_timeout_s:g} s (--io-timeout); is the disk still attached?"
                 ) from None
             self.cache.commit(layer, e, slot)
         self.stats.stall_s += time.perf_counter() - start
 
-    def _abandon(self, layer: int, slots: dict[int, int], pending: list[tuple[int, int, Future]]) -> None:
-        """Undoes a failed acquire: failed or unfinished reads lose their slots, the rest are unpinned."""
-        unfinished = {e for e, _, fut in pending if not (fut.done() and fut.exception() is None)}
+    def _abandon(
+        self, layer: int, slots: dict[int, int], pending: list[tuple[int, int, Future]], stalled: bool = False
+    ) -> None:
+        """Undoes a failed acquire: slots of failed reads are freed, hits and finished reads unpinned.
+
+        Reads still running are waited for (up to the I/O timeout) unless the disk has stalled; one
+        still running after that keeps its slot until it ends (``_free_when_done``).
+        """
+        reads = {e: fut for e, _, fut in pending}
+        running = [fut for fut in reads.values() if not fut.done()]
+        if running and not stalled:
+            wait(running, timeout=self.io_timeout_s)
         for e, slot in slots.items():
-            if e in unfinished:
-                if (layer, e) in self.cache:
-                    self.cache.unpin(layer, [slot])
-                self._drop(layer, e, slot)
-            else:
+            fut = reads.get(e)
+            if fut is None or (fut.done() and not fut.cancelled() and fut.exception() is None):
                 if (layer, e) not in self.cache:
                     self.cache.commit(layer, e, slot)
                 self.cache.unpin(layer, [slot])
+            else:
+                self._free_when_done(layer, e, slot, fut)
 
-    def _drop(self, layer: int, expert: int, slot: int) -> None:
-        fut = self.prefetcher.inflight(layer, expert)
-        if fut is not None:  # let a late read finish before its slot can be reused
-            try:
-                fut.result(timeout=self.io_timeout_s)
-            except Exception:  # noqa: BLE001 - the read is abandoned either way
-                pass
+    def _free_when_done(self, layer: int, expert: int, slot: int, fut: Future | None) -> None:
+        """Frees a slot whose read failed or was abandoned; a read still running keeps it pinned until
+        it ends (``_reclaim``), so a late read never writes into a slot that holds another expert."""
+        if fut is not None and not fut.done():
+            self._orphans.append((layer, expert, slot, fut))
+            return
         self.cache.abort(layer, slot)
+
+    def _reclaim(self) -> None:
+        """Frees the slots of abandoned reads that have since ended."""
+        if self._orphans:
+            ended = [o for o in self._orphans if o[3].done()]
+            self._orphans = [o for o in self._orphans if not o[3].done()]
+            for layer, _, slot, _ in ended:
+                self.cache.abort(layer, slot)
+
+    def _check_not_stuck(self, layer: int, expert: int) -> None:
+        # A new read of an expert whose abandoned read still runs would be merged with it (Prefetcher).
+        if any(o[0] == layer and o[1] == expert for o in self._orphans):
+            raise ExpertReadTimeout(
+                f"{self.packed.path / self.layer_entry(layer).file}: an earlier read of layer {layer} "
+                f"expert {expert} has not returned after {self.io_timeout_s:g} s (--io-timeout); "
+                "is the disk still attached?"
+            )
 
     def release(self, layer: int, slots: dict[int, int]) -> None:
         self.cache.unpin(layer, slots.values())
@@ -195,7 +220,7 @@ class ExpertRuntime:
         pool = self.cache.pool(layer)
         for e in experts:
             key = (layer, e)
-            if key in self._prefetched or key in self.cache:
+            if key in self._prefetched or key in self.cache or any(o[:2] == key for o in self._orphans):
                 continue
             free_slots = pool.slots - self.cache.pinned_count_in(layer)
             if free_slots <= self.cache_min_free(layer):
@@ -226,8 +251,8 @@ class ExpertRuntime:
             try:
                 fut.result(timeout=self.io_timeout_s)
             except Exception as e:  # noqa: BLE001 - a failed guess costs nothing but its slot
-                log.warning("prefetch of layer %d expert %d failed: %s", layer, key[1], e)
-                self.cache.abort(layer, slot)
+                log.warning("prefetch of layer %d expert %d failed: %s", layer, key[1], e or "timed out")
+                self._free_when_done(layer, key[1], slot, fut)
                 continue
             self.cache.commit(layer, key[1], slot)
             self.cache.unpin(layer, [slot])
@@ -246,6 +271,11 @@ class ExpertRuntime:
         return loaded
 
     def close(self) -> None:
+        self._reclaim()
+        if self._orphans:  # a stuck read: do not wait for it, and leave its file open under it
+            log.warning("%d expert read(s) never returned; closing without them", len(self._orphans))
+            self.prefetcher.close(wait=False)
+            return
         self.prefetcher.close()
         self.store.close()
 
