@@ -227,7 +227,7 @@ def _thinking(f: Fields, default: bool) -> bool:
 def _template_message(m, i: int) -> dict:
     """One OpenAI message in the form the Qwen3.5 template reads (arguments as dicts, text content)."""
     where = f"messages[{i}]"
-    if not isinstance(m, dict) or m.get("role") not in ROLES:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
         raise ApiError(400, f"{where} must be an object with role one of {', '.join(ROLES)}", param=where)
     out = {"role": ROLES[m["role"]], "content": _text(m.get("content"), where)}
     if out["role"] == "assistant":

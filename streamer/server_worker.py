@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 
+from .errors import StreamerError
 from .generate import GenerationResponse, prefill, stream_generate
 from .prefix_cache import ModelState, PrefixCache, capture_state, restore_state
 from .sampling import SamplingParams, make_sampler
@@ -134,7 +135,7 @@ class GenerationWorker:
         self._totals = dict.fromkeys(
             ("requests", "prompt_tokens", "cached_tokens", "prefilled_tokens", "completion_tokens"), 0
         )
-        self._totals["cancelled"] = 0
+        self._totals["cancelled"] = self._totals["failed"] = 0
         self._recent: deque[dict] = deque(maxlen=64)
         self._engine_stats: dict = {}
         self._current: Job | None = None
@@ -232,16 +233,27 @@ class GenerationWorker:
                         break
         except JobCancelled:
             reason = "cancelled"
+        except StreamerError as e:  # e.g. an expert read failed: this request fails, the server goes on
+            log.error("generation failed for %s: %s", job.label or "a request", e)
+            self._fail(job, f"generation failed: {e}", usage)
+            return
         except Exception as e:
             log.exception("generation failed for %s", job.label or "a request")
-            job.events.put(Failed(f"generation failed: {type(e).__name__}: {e}"))
+            self._fail(job, f"generation failed: {type(e).__name__}: {e}", usage)
             return
         if matched is None and (rest := stopper.flush()):
             job.events.put(Piece(rest))
         self._finish(job, reason, matched, usage, token_ids)
 
+    def _fail(self, job: Job, message: str, usage: Usage) -> None:
+        job.events.put(Failed(message))
+        self._record(job, "error", usage)
+
     def _finish(self, job: Job, reason: str, matched: str | None, usage: Usage, token_ids=()) -> None:
         job.events.put(Finished(reason, matched, usage, list(token_ids)))
+        self._record(job, reason, usage)
+
+    def _record(self, job: Job, reason: str, usage: Usage) -> None:
         record = {
             "label": job.label,
             "prompt_tokens": usage.prompt_tokens,
@@ -257,6 +269,7 @@ class GenerationWorker:
             self._recent.append(record)
             self._totals["requests"] += 1
             self._totals["cancelled"] += reason == "cancelled"
+            self._totals["failed"] += reason == "error"
             for key in ("prompt_tokens", "cached_tokens", "prefilled_tokens", "completion_tokens"):
                 self._totals[key] += record[key]
             self._engine_stats = engine_stats
