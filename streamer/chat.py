@@ -198,6 +198,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             ids, boundary, thinks = self._render()
+            self._check_context(len(ids))
         except BaseException:
             self.messages.pop()  # e.g. a template error: the conversation stays as it was
             raise
@@ -227,12 +228,20 @@ class ChatSession:
             self.messages.append(reply.message())
             turn.expert = {k: v - before.get(k, 0) for k, v in self._expert_stats().items()}
 
+    def _check_context(self, prompt_tokens: int) -> None:
+        context = self.engine.args.max_position_embeddings
+        if prompt_tokens >= context:
+            raise ConfigError(
+                f"the conversation is {prompt_tokens} tokens, the model's context is {context}: "
+                "/reset to start a new one (or send a shorter message)"
+            )
+
     def _decode(self, ids: list[int], reply: _Reply, turn: TurnStats, start: float) -> Iterator[ChatChunk]:
         self.sampler.reset_context(ids)
         rest = ids[len(self.cached_ids) :]
-        stream = stream_generate(
-            self.engine.model, self.tokenizer, rest, self.sampler, self.max_tokens, cache=self.cache
-        )
+        budget = min(self.max_tokens, self.engine.args.max_position_embeddings - len(ids))  # context's end
+        model, tok = self.engine.model, self.tokenizer
+        stream = stream_generate(model, tok, rest, self.sampler, budget, cache=self.cache)
         decode_start = None
         try:
             for r in stream:

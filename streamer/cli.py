@@ -22,6 +22,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except StreamerError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # the machine's refusal (permissions, disk full, I/O error): no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             ctx.exit(130)

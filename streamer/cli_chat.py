@@ -75,7 +75,9 @@ _VISIBLE |= {c: 0xFFFD for c in range(0x80, 0xA0)}
     default=None,
     help="Divides recent tokens' logits (1 = off).",
 )
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option(
+    "--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Seed for sampling (reproducible runs)."
+)
 @with_runtime
 def chat(
     model, system, no_think, hide_thinking, max_tokens, temp, top_p, top_k, min_p,

@@ -23,6 +23,8 @@ def _parse_ids(text: str) -> list[int]:
         raise ConfigError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
     if not ids:
         raise ConfigError("--prompt-ids is empty")
+    if min(ids) < 0:
+        raise ConfigError(f"--prompt-ids: token ids are never negative, got {min(ids)}")
     return ids
 
 
@@ -30,7 +32,10 @@ class RouteTrace:
     """Writes every routing decision as a JSON line: {"pos", "layer", "experts": [[K ids] per token]}."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "w")
+        try:
+            self._file = open(path, "w")
+        except OSError as e:
+            raise ConfigError(f"--trace: cannot write {path} ({e.strerror})") from None
         self._pos = 0  # sequence position of the current step's first token
         self._step_tokens = 0
 
@@ -54,7 +59,9 @@ class RouteTrace:
 @click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option(
+    "--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Seed for sampling (reproducible runs)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: token_ids, text, stats.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print a cache / I/O summary to stderr.")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write routing as JSON lines.")
@@ -73,12 +80,15 @@ def generate(
     if (prompt is None) == (prompt_ids is None):
         raise ConfigError("give exactly one of --prompt and --prompt-ids")
     if prompt is not None and not prompt.strip():
-        raise ConfigError("--prompt is empty")
+        raise ConfigError("--prompt is empty; pass some text (or token ids with --prompt-ids)")
+    if prompt is not None:
+        _check_utf8(prompt)
     params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
+    prompt_ids = None if prompt_ids is None else _parse_ids(prompt_ids)
     with open_engine(model, runtime, resident) as engine:
         tok = engine.tokenizer
         if prompt_ids is not None:
-            ids = _parse_ids(prompt_ids)
+            ids = prompt_ids
             if max(ids) >= engine.args.vocab_size:
                 raise ConfigError(
                     f"--prompt-ids: id {max(ids)} is outside the vocabulary (size {engine.args.vocab_size})"
@@ -90,6 +100,7 @@ def generate(
                 [{"role": "user", "content": prompt}], enable_thinking=not no_think
             )
             ids = tok.encode(text)
+        _check_context(len(ids), max_tokens, engine.args.max_position_embeddings)
         sampler = make_sampler(params, context=ids)  # penalties (if any) see the prompt too
         tracer = RouteTrace(trace) if trace else None
         if engine.runtime and tracer:
@@ -122,6 +133,23 @@ def generate(
         click.echo()
     if show_stats:
         _print_stats(stats)
+
+
+def _check_utf8(prompt: str) -> None:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 arrive from argv as lone surrogates
+        raise ConfigError(
+            f"--prompt is not valid UTF-8 (at character {e.start}); check the terminal's or file's encoding"
+        ) from None
+
+
+def _check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    if prompt_tokens + max_tokens > context:
+        raise ConfigError(
+            f"the prompt is {prompt_tokens} tokens and --max-tokens {max_tokens}, together more than the "
+            f"model's context of {context} tokens; shorten the prompt or lower --max-tokens"
+        )
 
 
 def _print_stats(s: dict) -> None:

@@ -34,8 +34,8 @@ class SamplingParams:
     penalty_window: int = 64  # most recent context tokens the penalties look at (llama.cpp's default)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -46,6 +46,8 @@ class SamplingParams:
             raise ConfigError(f"presence_penalty must be a finite number, got {self.presence_penalty}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.penalty_window < 1:
             raise ConfigError(f"penalty_window must be >= 1, got {self.penalty_window}")
 
