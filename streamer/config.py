@@ -293,11 +293,11 @@ class RuntimeConfig:
 
 
 def total_ram_bytes() -> int:
-    """Physical memory of this machine (cgroup limits included on Linux)."""
+    """Memory this process may use: physical RAM, or its own memory cgroup's limit if lower (Linux)."""
     import os
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for limit_file in _cgroup_limit_files():
         try:
             with open(limit_file) as f:
                 text = f.read().strip()
@@ -306,6 +306,30 @@ def total_ram_bytes() -> int:
         if text.isdigit():
             ram = min(ram, int(text))
     return ram
+
+
+def _cgroup_limit_files(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> list[str]:
+    """The memory limit files of this process's cgroup and its ancestors (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``): a limit set on any of them applies."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = f"{root}/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        files += [
+            f"{base}/{'/'.join(parts[:i])}/{name}".replace("//", "/") for i in range(len(parts), -1, -1)
+        ]
+    return files
 
 
 def default_cache_bytes(resident_bytes: int, expert_bytes: int, ram_bytes: int | None = None) -> int:

@@ -165,3 +165,32 @@ def test_preload_fills_the_cache_and_then_every_lookup_hits(packed, resident_log
     assert stats["cache_misses"] == 0 and stats["cache_hits"] > 0
     for g, w in zip(got, resident_logits("tiny"), strict=False):
         assert np.array_equal(g, w)
+
+
+def test_a_miss_never_evicts_an_expert_the_same_step_hits(packed):
+    """Hits are pinned before misses allocate: with 4 slots holding 5,1,2,3, asking for [0, 5] hits 5."""
+    _, dst = packed("tiny")
+    with load_engine(dst, RuntimeConfig(cache_experts=4)) as engine:
+        rt = engine.runtime
+        assert rt.cache.pool(0).slots == 4
+        for e in (5, 1, 2, 3):
+            rt.release(0, rt.acquire(0, [e]))
+        rt.stats.reset()
+        rt.release(0, rt.acquire(0, [0, 5]))
+        assert (rt.stats.hits, rt.stats.misses) == (1, 1)
+        assert (0, 5) in rt.cache and (0, 0) in rt.cache and (0, 1) not in rt.cache
+
+
+def test_cgroup_limit_files_follow_this_process_group(tmp_path):
+    from streamer.config import _cgroup_limit_files
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:cpu,cpuacct:/other\n9:memory:/user/job\n0::/unified/job\n")
+    files = _cgroup_limit_files(str(proc), "/sys/fs/cgroup")
+    assert files[:3] == [
+        "/sys/fs/cgroup/memory/user/job/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/user/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    assert "/sys/fs/cgroup/unified/job/memory.max" in files
+    assert not any("other" in f for f in files)

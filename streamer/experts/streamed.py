@@ -112,20 +112,26 @@ class ExpertRuntime:
         pending: list[tuple[int, int, Future]] = []
         pool = self.cache.pool(layer)
         try:
+            # Hits first: pinned before any miss allocates, so a miss never evicts an expert this step uses.
+            misses = []
             for e in experts:
                 if (layer, e) in self._prefetched:
                     slot, fut = self._prefetched.pop((layer, e))  # already pinned by prefetch()
                     pending.append((e, slot, fut))
                     self.stats.prefetch_used += 1
                     self.stats.misses += 1
+                    slots[e] = slot
                 elif (slot := self.cache.lookup(layer, e)) is not None:
                     self.cache.pin(layer, [slot])
                     self.stats.hits += 1
+                    slots[e] = slot
                 else:
-                    self._check_not_stuck(layer, e)
-                    slot = self.cache.allocate(layer, e)
-                    pending.append((e, slot, self._read(layer, e, pool.buffers(slot))))
-                    self.stats.misses += 1
+                    misses.append(e)
+            for e in misses:
+                self._check_not_stuck(layer, e)
+                slot = self.cache.allocate(layer, e)
+                pending.append((e, slot, self._read(layer, e, pool.buffers(slot))))
+                self.stats.misses += 1
                 slots[e] = slot
         except BaseException as e:
             self._abandon(layer, slots, pending, stalled=isinstance(e, ExpertReadTimeout))
