@@ -6,12 +6,21 @@ Commands parse flags, call one library function, and turn the library's exceptio
 
 from __future__ import annotations
 
-import logging
+import signal
 
-import click
+# Ctrl-C at a prompt only works when the kernel delivers SIGINT to the main thread: readline sleeps in
+# select() and wakes only for a signal delivered to it. Threads inherit the mask of the thread that
+# starts them, so SIGINT is blocked while imports start library threads (OpenBLAS) and while models
+# load (MLX's stream thread); `main` and `sigint_blocked` unblock it for the main thread again.
+if hasattr(signal, "pthread_sigmask"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+import logging  # noqa: E402
+
+import click  # noqa: E402
 
 from . import __version__
-from .errors import StreamerError
+from .errors import StreamerError  # noqa: E402
 
 
 class _Group(click.Group):
@@ -43,6 +52,8 @@ def main(verbose: bool) -> None:
 
     With no model, chat uses a small embedded demo checkpoint.
     """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

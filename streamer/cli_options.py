@@ -5,9 +5,12 @@ Each flag maps 1:1 to a ``RuntimeConfig`` field; ``--cache-gb`` is converted to 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -128,7 +131,22 @@ def resolve_model(model: str | None, resident: bool = False) -> Path:
 
 
 def open_engine(model: str | None, config: RuntimeConfig, resident: bool) -> Engine:
-    return load_engine(resolve_model(model, resident), config, resident=resident)
+    path = resolve_model(model, resident)
+    with sigint_blocked():  # threads MLX starts while loading must not take Ctrl-C (see cli.py)
+        return load_engine(path, config, resident=resident)
+
+
+@contextlib.contextmanager
+def sigint_blocked():
+    """Blocks SIGINT in this thread for the block; a Ctrl-C pressed meanwhile arrives right after it."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def with_runtime(fn):

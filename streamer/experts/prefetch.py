@@ -6,6 +6,7 @@ the first one's future. ``mx.eval`` releases the GIL, so reads run while the mod
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,9 @@ class Prefetcher:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self._read = read
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-read")
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="expert-read", initializer=_ignore_sigint
+        )
         self._inflight: dict[Key, Future] = {}
         self._lock = threading.Lock()  # futures complete on worker threads
         self.bytes_read = 0
@@ -65,3 +68,9 @@ class Prefetcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ignore_sigint() -> None:
+    # Readers never take Ctrl-C: the kernel then delivers it to the main thread, where it belongs.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
