@@ -9,7 +9,7 @@ reuse). Input: random token ids for the random-weight presets; Python source (th
 what the demo was trained on) for the demo. The trace is replayed through a global cache of N expert
 slots (one pool shared by all layers, as the runtime's pool for one block shape) at several capacities:
   LRU          the runtime's policy, step for step (streamer.cache_sim.simulate_lru);
-  LRU-first    LRU that looks up a step's hits before placing its misses (see the runtime note below);
+  LRU-1pass    the older one-pass order (hits and misses interleaved), for comparison;
   optimal      Belady's MIN: evict the expert needed farthest in the future.
 Hit rates count decode steps; the prefill warms the cache first. Goal: LRU / optimal >= 0.85.
 
@@ -130,7 +130,9 @@ def curve(steps, packed: Path) -> list[dict]:
     for share in SHARES:
         plan, shapes, _ = pools(packed, share)
         lru = simulate_lru(steps, plan, shapes).decode_hit_rate
-        first = simulate_lru(steps, plan, shapes, lookup_first=True).decode_hit_rate
+        first = simulate_lru(
+            steps, plan, shapes, lookup_first=False
+        ).decode_hit_rate  # the older one-pass order
         opt = simulate_optimal(steps, plan, shapes).decode_hit_rate
         lfu = simulate_lfu(steps, plan, shapes).decode_hit_rate
         out.append(

@@ -149,7 +149,7 @@ def simulate_lru(
     steps: Sequence[Step],
     slots: int | Mapping[object, int],
     pool_of_layer: Mapping[int, object] | None = None,
-    lookup_first: bool = False,
+    lookup_first: bool = True,
 ) -> SimResult:
     """Replays ``steps`` through LRU slot pools exactly as ``ExpertCache`` + ``ExpertRuntime`` do.
 
@@ -157,8 +157,9 @@ def simulate_lru(
         steps: the access stream (``read_trace``).
         slots: slots of the one pool, or slots per pool id when ``pool_of_layer`` is given.
         pool_of_layer: layer -> pool id (layers with equal block shapes share a pool); None = one pool.
-        lookup_first: look up all of a step's hits before placing any miss, so a miss can never evict
-            an expert the same step needs later (the runtime does one pass in id order instead).
+        lookup_first: look up (and pin) all of a step's hits before placing any miss, so a miss never
+            evicts an expert the same step needs, as the runtime does; False replays the older one-pass
+            order (hits and misses interleaved in id order) for comparison.
     """
     return _per_pool(steps, slots, pool_of_layer, lambda s, n: _lru_pool(s, n, lookup_first))
 
@@ -210,9 +211,17 @@ def _lru_pool(steps: Sequence[Step], slots: int, lookup_first: bool) -> SimResul
     free = slots
     for step, batch in _batches(steps, slots):
         keys = [(step.layer, e) for e in batch]
-        pinned = {k for k in keys if k in lru} if lookup_first else set()
+        pinned: set[Key] = set()
+        if lookup_first:  # pass 1: every hit becomes most recent and pinned before any miss evicts
+            for key in keys:
+                if key in lru:
+                    lru.move_to_end(key)
+                    pinned.add(key)
+                    result.count(step, hit=True)
         missed = []
         for key in keys:
+            if key in pinned:
+                continue
             if key in lru:
                 lru.move_to_end(key)
                 pinned.add(key)
