@@ -477,5 +477,6 @@ def export_checkpoint(
         "corpus": {k: v for k, v in corpus.items() if k != "held_out_names"},
         **(extra_info or {}),
     }
+    (Path(dst) / "synthetic.json").unlink()  # generate()'s provenance note; training.json replaces it
     (Path(dst) / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return Path(dst)
