@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -475,6 +476,7 @@ def export_checkpoint(
         "tokens_seen": state["step"] * cfg.batch_size * cfg.seq_len,
         "train_elapsed_s": state["curve"][-1]["elapsed_s"] if state["curve"] else 0.0,
         "corpus": {k: v for k, v in corpus.items() if k != "held_out_names"},
+        "python": platform.python_version(),  # whose stdlib was the corpus
         **(extra_info or {}),
     }
     (Path(dst) / "synthetic.json").unlink()  # generate()'s provenance note; training.json replaces it
