@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from streamer.chat import ChatSession
+from streamer.demo import DEMO_NOTICE
 from streamer.engine import load_engine
 from streamer.generate import stream_generate
 from streamer.repack import make_plan, run_repack
@@ -304,7 +305,7 @@ def test_pipe_no_think_hide_thinking_and_flags(model, env):
 def test_no_model_uses_the_demo_and_says_so(env):
     r = chat_cli(["-n", "2", "--temp", "0"], b"hello\n", env, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
-    assert "demo model: random weights" in r.stderr.decode()
+    assert DEMO_NOTICE in r.stderr.decode()
     assert "2 tokens" in r.stderr.decode()
 
 
