@@ -149,6 +149,9 @@ class _ChatLoop:
 
     def run(self) -> None:
         if self.interactive:
+            # A shell that starts a program in the background hands it SIGINT ignored, and Python then
+            # leaves it ignored: a chat on a terminal always takes Ctrl-C.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
             self._note(self._banner())
