@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..models.experts import switch_glu
+from ..models.experts import gather_qmm_experts, switch_glu
 from ..packed import LayerEntry, PackedModel
 from .cache import BlockShape, Component, ExpertCache
 from .prefetch import Prefetcher
@@ -318,18 +318,10 @@ class _PoolProjection:
             return mx.gather_mm(
                 x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
             )
-        return mx.gather_qmm(
-            x,
-            self.weight,
-            self.scales,
-            self.biases,
-            rhs_indices=indices,
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
+        return gather_qmm_experts(
+            x, self.weight, self.scales, self.biases, indices, self.bits, self.group_size, self.mode,
+            sorted_indices,
+        )  # fmt: skip
 
 
 class StreamedExperts:

@@ -73,18 +73,29 @@ class QuantizedExpertLinear(nn.Module):
         self.biases = mx.zeros(groups) if mode == "affine" else None
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(
-            x,
-            self.weight,
-            self.scales,
-            self.get("biases"),
-            rhs_indices=indices,
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
+        return gather_qmm_experts(
+            x, self.weight, self.scales, self.get("biases"), indices, self.bits, self.group_size, self.mode,
+            sorted_indices,
+        )  # fmt: skip
+
+
+def gather_qmm_experts(
+    x, weight, scales, biases, indices, bits: int, group_size: int, mode: str, sorted_indices: bool
+) -> mx.array:
+    """x @ W_e^T for the quantized expert (or slot) ``e`` of each row: the call resident and streamed
+    experts share, so both run the identical kernel with identical arguments."""
+    return mx.gather_qmm(
+        x,
+        weight,
+        scales,
+        biases,
+        rhs_indices=indices,
+        transpose=True,
+        group_size=group_size,
+        bits=bits,
+        mode=mode,
+        sorted_indices=sorted_indices,
+    )
 
 
 class ResidentExperts(nn.Module):
