@@ -179,7 +179,7 @@ def main() -> None:
         append_results(
             [
                 row(config, "P1 decode tok/s streamer (all cached) vs mlx-lm", 1 / ours_s, p1,
-                    f"mlx-lm {1 / theirs_s:.3f} tok/s; best of 2 alternated runs; other jobs on the machine"),
+                    f"mlx-lm {1 / theirs_s:.3f} tok/s; best of 2 alternated runs"),
                 row(config, "P2 streaming efficiency (cold, direct I/O)", 1 / cold["decode_s_per_token"], p2,
                     f"cache {args.cold_cache_share:.0%}; compute {compute_s:.3f} s/tok; io {io_s:.3f} s/tok; "
                     f"raw {raw['gb_per_s']:.2f} GB/s; {cold['bytes_per_token'] / 1e6:.1f} MB/tok; {note_cache}"),
