@@ -95,7 +95,26 @@ def qwen3_5_tokenizer_json() -> str:
 
 def make_small_tokenizer_json() -> str:
     """A deterministic byte-level BPE with the Qwen3.5 special tokens appended, as tokenizer.json text."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    return train_qwen_bpe(_SMALL_CORPUS.splitlines(), _SMALL_VOCAB_SIZE).to_str()
+
+
+def train_qwen_bpe(texts, bpe_tokens: int):
+    """A byte-level BPE of ``bpe_tokens`` learned tokens, Qwen3.5's normalizer, pre-tokenizer and decoder,
+    with the Qwen3.5 special tokens appended after them.
+
+    Returns:
+        a ``tokenizers.Tokenizer``.
+    """
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -107,24 +126,18 @@ def make_small_tokenizer_json() -> str:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_SMALL_VOCAB_SIZE,
+        vocab_size=bpe_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_SMALL_CORPUS.splitlines(), trainer=trainer)
-    _add_special_tokens(tok)
-    return tok.to_str()
-
-
-def _add_special_tokens(tok) -> None:
-    from tokenizers import AddedToken
-
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(
         [
             AddedToken(t, special=t not in QWEN3_5_NON_SPECIAL, normalized=False)
             for t in QWEN3_5_SPECIAL_TOKENS
         ]
     )
+    return tok
 
 
 # tokenizer_config.json as the Qwen3.5 checkpoints ship it (transformers 5 layout; the chat template is

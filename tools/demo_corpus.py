@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from streamer.tokenizer_assets import (
-    QWEN3_5_NON_SPECIAL,
-    QWEN3_5_PRETOKENIZE_REGEX,
     QWEN3_5_SPECIAL_TOKENS,
     QWEN3_5_TOKENIZER_CONFIG,
     qwen3_5_chat_template,
+    train_qwen_bpe,
 )
 
 # Directory names never read: third-party code, and test suites (17 MB of fixtures and odd encodings).
@@ -115,40 +114,7 @@ def train_tokenizer(texts: list[str], vocab_tokens: int):
     Returns:
         a ``tokenizers.Tokenizer``.
     """
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
-
-    n_special = len(QWEN3_5_SPECIAL_TOKENS)
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN3_5_PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_tokens - n_special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_special_tokens(
-        [
-            AddedToken(t, special=t not in QWEN3_5_NON_SPECIAL, normalized=False)
-            for t in QWEN3_5_SPECIAL_TOKENS
-        ]
-    )
-    return tok
+    return train_qwen_bpe(texts, vocab_tokens - len(QWEN3_5_SPECIAL_TOKENS))
 
 
 def write_tokenizer_dir(tok, dst: Path) -> Path:
