@@ -17,7 +17,7 @@ import click
 
 from .chat import DEFAULT_MAX_TOKENS, ChatChunk, ChatSession, TurnStats
 from .cli import main
-from .cli_options import open_engine, with_runtime
+from .cli_options import open_engine, sampling_options, with_runtime
 from .errors import StreamerError
 from .generate import PREFILL_CHUNK
 from .sampling import default_sampling_params
@@ -54,34 +54,13 @@ _VISIBLE |= {c: 0xFFFD for c in range(0x80, 0xA0)}
     show_default=True,
     help="Most tokens per answer, thinking included.",
 )
-@click.option("--temp", type=click.FloatRange(min=0), default=None, help="Temperature; 0 = greedy.")
-@click.option(
-    "--top-p",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Keep the likeliest tokens up to this mass.",
-)
-@click.option("--top-k", type=click.IntRange(min=0), default=None, help="0 = off.")
-@click.option(
-    "--min-p",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=None,
-    help="Drop tokens less likely than this fraction of the likeliest.",
-)
-@click.option("--presence-penalty", type=float, default=None, help="Subtracted from recent tokens' logits.")
-@click.option(
-    "--repetition-penalty",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Divides recent tokens' logits (1 = off).",
-)
 @click.option(
     "--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Seed for sampling (reproducible runs)."
 )
+@sampling_options()
 @with_runtime
 def chat(
-    model, system, no_think, hide_thinking, max_tokens, temp, top_p, top_k, min_p,
-    presence_penalty, repetition_penalty, seed, runtime, resident,
+    model, system, no_think, hide_thinking, max_tokens, seed, sampling_overrides, runtime, resident,
 ):  # fmt: skip
     """Chat with MODEL (a packed model, a hub id packed before, or the demo when omitted).
 
@@ -94,15 +73,7 @@ def chat(
       streamer chat mlx-community/Qwen3.5-35B-A3B-4bit
       echo "Why is the sky blue?" | streamer chat ./packed --no-think --temp 0
     """
-    overrides = {
-        "temperature": temp,
-        "top_p": top_p,
-        "top_k": top_k,
-        "min_p": min_p,
-        "presence_penalty": presence_penalty,
-        "repetition_penalty": repetition_penalty,
-        "seed": seed,
-    }
+    overrides = {**sampling_overrides, "seed": seed}
     with open_engine(model, runtime, resident) as engine:
         defaults = default_sampling_params(engine.tokenizer.generation_config, thinking=not no_think)
         params = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})

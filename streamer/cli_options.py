@@ -159,3 +159,33 @@ def with_runtime(fn):
         return fn(runtime=config, resident=resident, **kwargs)
 
     return wrapper
+
+
+# The sampling flags chat and serve share: (flag, SamplingParams field, click type, help).
+_SAMPLING_FLAGS = (
+    ("--temp", "temperature", click.FloatRange(min=0), "Temperature; 0 = greedy."),
+    ("--top-p", "top_p", click.FloatRange(0, 1, min_open=True), "Keep the likeliest tokens up to this mass."),
+    ("--top-k", "top_k", click.IntRange(min=0), "Keep the k likeliest tokens; 0 = off."),
+    ("--min-p", "min_p", click.FloatRange(0, 1, max_open=True),
+     "Drop tokens less likely than this fraction of the likeliest."),
+    ("--presence-penalty", "presence_penalty", float, "Subtracted from recent tokens' logits."),
+    ("--repetition-penalty", "repetition_penalty", click.FloatRange(min=0, min_open=True),
+     "Divides recent tokens' logits (1 = off)."),
+)  # fmt: skip
+
+
+def sampling_options(note: str = ""):
+    """Adds the sampling flags; the command gets ``sampling_overrides``: SamplingParams field -> value,
+    None where the flag was not given (the model's defaults then apply). ``note`` ends every help text."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            overrides = {field: kwargs.pop(field) for _, field, _, _ in _SAMPLING_FLAGS}
+            return fn(sampling_overrides=overrides, **kwargs)
+
+        for flag, field, kind, text in reversed(_SAMPLING_FLAGS):
+            wrapper = click.option(flag, field, type=kind, default=None, help=f"{text}{note}")(wrapper)
+        return wrapper
+
+    return decorate

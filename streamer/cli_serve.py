@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .cli import main
-from .cli_options import open_engine, with_runtime
+from .cli_options import open_engine, sampling_options, with_runtime
 from .server import ServeConfig, start_server
 
 
@@ -48,22 +48,6 @@ from .server import ServeConfig, start_server
     help="Refuse prompt + max_tokens beyond this (default: the model's context length).",
 )
 @click.option(
-    "--temp",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Default temperature (default: the model's recommendation for thinking or not).",
-)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Default top-p.")
-@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Default top-k (0 = off).")
-@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=None, help="Default min-p.")
-@click.option("--presence-penalty", type=float, default=None, help="Default presence penalty.")
-@click.option(
-    "--repetition-penalty",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Default repetition penalty (1 = off).",
-)
-@click.option(
     "--prefix-cache-gb",
     type=click.FloatRange(min=0),
     default=2.0,
@@ -77,11 +61,11 @@ from .server import ServeConfig, start_server
     show_default=True,
     help="Most snapshots kept (least recently used go first).",
 )
+@sampling_options(" Default for requests that do not set it (else the model's recommendation).")
 @with_runtime
 def serve(
     model, host, port, api_key, model_names, any_model, no_think, max_tokens, context_length,
-    temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, prefix_cache_gb, prefix_cache_entries,
-    runtime, resident,
+    prefix_cache_gb, prefix_cache_entries, sampling_overrides, runtime, resident,
 ):  # fmt: skip
     """Serve MODEL over HTTP with the OpenAI and Anthropic APIs (the demo model when omitted).
 
@@ -91,14 +75,6 @@ def serve(
       streamer serve mlx-community/Qwen3.5-35B-A3B-4bit --port 8080
       OPENAI_BASE_URL=http://127.0.0.1:8080/v1 ANTHROPIC_BASE_URL=http://127.0.0.1:8080 your-agent
     """
-    overrides = {
-        "temperature": temp,
-        "top_p": top_p,
-        "top_k": top_k,
-        "min_p": min_p,
-        "presence_penalty": presence_penalty,
-        "repetition_penalty": repetition_penalty,
-    }
     config = ServeConfig(
         host=host,
         port=port,
@@ -108,7 +84,7 @@ def serve(
         thinking=not no_think,
         default_max_tokens=max_tokens,
         context_length=context_length,
-        sampling_overrides={k: v for k, v in overrides.items() if v is not None},
+        sampling_overrides={k: v for k, v in sampling_overrides.items() if v is not None},
         prefix_cache_bytes=int(prefix_cache_gb * 1e9),
         prefix_cache_entries=prefix_cache_entries,
     )
