@@ -34,12 +34,12 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, drop_caches, row  # noqa: E402
 
-from streamer.cache_sim import make_step, simulate_lfu, simulate_lru, simulate_optimal  # noqa: E402
-from streamer.config import RuntimeConfig  # noqa: E402
-from streamer.engine import load_engine  # noqa: E402
-from streamer.experts.cache import plan_slots  # noqa: E402
-from streamer.experts.streamed import block_shape_of  # noqa: E402
-from streamer.generate import prefill  # noqa: E402
+from streamer.experts.expert_cache import plan_slots
+from streamer.experts.runtime import block_shape_of
+from streamer.generation.generate import prefill
+from streamer.loader import load_engine
+from streamer.settings import RuntimeConfig
+from streamer.tuning.cache_sim import make_step, simulate_lfu, simulate_lru, simulate_optimal
 
 SHARES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 WORK = Path("/tmp/streamer-bench-policy")
@@ -55,13 +55,15 @@ PLAN = {
 
 def packed_model(name: str) -> Path:
     if name == "demo":
-        from streamer.cli_options import resolve_model
+        from streamer.cli.options import resolve_model
 
         return resolve_model(None)
     if name == "full-width":
         return FULL_WIDTH
-    from streamer.repack import make_plan, run_repack
-    from streamer.synthetic import generate, get_preset
+    from streamer.storage.repack import run_repack
+    from streamer.storage.repack_plan import make_plan
+    from streamer.synthetic.presets import get_preset
+    from streamer.synthetic.writer import generate
 
     dst = WORK / f"{name}-8L-packed"
     if not (dst / "manifest.json").exists():
@@ -113,7 +115,7 @@ def run(
 
 def pools(packed: Path, share: float) -> tuple[dict, dict, int]:
     """(slots per pool, pool of each layer, budget bytes) for ``share`` of all experts, as the runtime plans."""
-    from streamer.packed import read_manifest
+    from streamer.storage.packed import read_manifest
 
     layers = read_manifest(packed).layers
     shapes = {e.layer: block_shape_of(e) for e in layers}

@@ -132,7 +132,7 @@ def main() -> None:
         "mlx-lm": [py, "-c", _MLX_LM, str(args.src), prompt, n],
         "streamer": [py, "-c", _STREAMER, str(args.packed), prompt, n, json.dumps(
             {"cache_bytes": cache, "io_mode": "direct", "threads": args.threads, "preload": False})],
-        "streamer default budget": [py, "-c", "from streamer.cli import main; main()", "generate", str(args.packed), "--prompt-ids",
+        "streamer default budget": [py, "-c", "from streamer.cli.main import main; main()", "generate", str(args.packed), "--prompt-ids",
                                     ",".join(map(str, PROMPT)), "-n", "2", "--json", "--io", "direct"],
     }  # fmt: skip
     results = {}

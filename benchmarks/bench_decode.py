@@ -41,8 +41,8 @@ print(json.dumps({"decode_s_per_token": (times[-1] - times[0]) / (len(times) - 1
 _STREAMER = """
 import json, sys, time
 import mlx.core as mx
-from streamer.config import RuntimeConfig
-from streamer.engine import load_engine
+from streamer.settings import RuntimeConfig
+from streamer.loader import load_engine
 path, prompt, n, opts = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 preload = opts.pop("preload")
 engine = load_engine(path, RuntimeConfig(**opts))
@@ -73,7 +73,7 @@ print(json.dumps({
 _RAW = """
 import json, mmap, os, random, sys, time
 from concurrent.futures import ThreadPoolExecutor
-from streamer.packed import open_packed
+from streamer.storage.packed import open_packed
 packed = open_packed(sys.argv[1]); reads, threads = int(sys.argv[2]), int(sys.argv[3])
 layers = packed.manifest.layers
 rng = random.Random(0)
@@ -107,9 +107,9 @@ def ensure_model(args) -> tuple[Path, Path]:
         cmd = ["synthetic", args.preset, str(src), "--dtype", "float32", "--layers", str(args.layers)]
         if args.preset == "full-width":
             cmd += ["--vocab-size", str(args.vocab)]
-        subprocess.run([sys.executable, "-c", "from streamer.cli import main; main()", *cmd], check=True)
+        subprocess.run([sys.executable, "-c", "from streamer.cli.main import main; main()", *cmd], check=True)
     if not (dst / "manifest.json").exists():
-        subprocess.run([sys.executable, "-c", "from streamer.cli import main; main()", "repack", str(src), str(dst)],
+        subprocess.run([sys.executable, "-c", "from streamer.cli.main import main; main()", "repack", str(src), str(dst)],
                        check=True)  # fmt: skip
     return src, dst
 

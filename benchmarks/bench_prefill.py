@@ -34,8 +34,8 @@ _BYTES = """
 import json, sys
 import mlx.core as mx
 import numpy as np
-from streamer.config import RuntimeConfig
-from streamer.engine import load_engine
+from streamer.settings import RuntimeConfig
+from streamer.loader import load_engine
 path, ids, chunk, share = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 m = json.loads(open(path + "/manifest.json").read())
 block = {l["layer"]: l["block_bytes"] for l in m["layers"]}
@@ -62,9 +62,9 @@ print(json.dumps({"rows": rows, "slots": sum(rt.cache.slots_per_shape.values())}
 _STREAMER_TPS = """
 import json, sys, time
 import mlx.core as mx
-from streamer.config import RuntimeConfig
-from streamer.engine import load_engine
-from streamer.generate import prefill
+from streamer.settings import RuntimeConfig
+from streamer.loader import load_engine
+from streamer.generation.generate import prefill
 path, ids, chunk, share = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 m = json.loads(open(path + "/manifest.json").read())
 total = sum(l["num_experts"] * l["block_bytes"] for l in m["layers"])
@@ -101,8 +101,10 @@ def child(code: str, *args) -> dict:
 
 
 def small_model() -> tuple[Path, Path]:
-    from streamer.repack import make_plan, run_repack
-    from streamer.synthetic import generate, get_preset
+    from streamer.storage.repack import run_repack
+    from streamer.storage.repack_plan import make_plan
+    from streamer.synthetic.presets import get_preset
+    from streamer.synthetic.writer import generate
 
     src, dst = WORK / "like-397b-8L-src", WORK / "like-397b-8L-packed"
     if not src.exists():

@@ -48,7 +48,8 @@ secs = time.monotonic() - start
     + _FOOTER,
     "repack": """
 import resource, sys, time
-from streamer.repack import make_plan, run_repack
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
 plan = make_plan(sys.argv[1], sys.argv[2])
 start = time.monotonic()
 nbytes = run_repack(plan).bytes_written
@@ -57,7 +58,7 @@ secs = time.monotonic() - start
     + _FOOTER,
     "verify": """
 import resource, sys, time
-from streamer.packed import verify_packed
+from streamer.storage.verify import verify_packed
 start = time.monotonic()
 nbytes = verify_packed(sys.argv[1]).total_bytes
 secs = time.monotonic() - start
@@ -81,7 +82,6 @@ def cpu_pressure() -> str:
         return "n/a"
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", type=Path, help="existing checkpoint (else one is generated)")
@@ -96,7 +96,7 @@ def main() -> None:
     src = args.src or args.work / f"full-width-{args.layers}"
     if not src.exists():
         print(f"generating {src} ...", file=sys.stderr)
-        cmd = "from streamer.cli import main; main()"
+        cmd = "from streamer.cli.main import main; main()"
         subprocess.run(
             [sys.executable, "-c", cmd, "synthetic", "full-width", str(src), "--layers", str(args.layers)]
         )

@@ -31,7 +31,8 @@ def measure(model_dir: Path, n_windows: int, seq_len: int) -> tuple[dict, dict, 
     from demo_training import mean_loss
 
     from streamer.models.load import load_model
-    from streamer.synthetic import Preset, generate
+    from streamer.synthetic.presets import Preset
+    from streamer.synthetic.writer import generate
 
     info = json.loads((model_dir / "training.json").read_text())
     windows = held_out_windows(

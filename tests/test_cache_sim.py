@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from streamer.cache_sim import (
+from streamer.experts.expert_cache import ExpertCache, block_shape
+from streamer.tuning.cache_sim import (
     Step,
     TraceError,
     make_step,
@@ -16,7 +17,6 @@ from streamer.cache_sim import (
     simulate_lru,
     simulate_optimal,
 )
-from streamer.experts.cache import ExpertCache, block_shape
 
 # The textbook example (Silberschatz, Operating System Concepts): 20 references, 3 frames.
 CLASSIC = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]

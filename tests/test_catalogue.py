@@ -21,11 +21,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamer.cli import main
-from streamer.packed import MANIFEST_FILE, PROGRESS_FILE, RESIDENT_FILE, read_manifest
-from streamer.repack import make_plan, run_repack
-from streamer.safetensors_file import read_header
-from streamer.synthetic import generate, get_preset
+from streamer.cli.main import main
+from streamer.storage.packed import read_manifest
+from streamer.storage.packed_format import MANIFEST_FILE, PROGRESS_FILE, RESIDENT_FILE
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.storage.safetensors_file import read_header
+from streamer.synthetic.presets import get_preset
+from streamer.synthetic.writer import generate
 
 SMALL_CONTEXT = 48  # max_position_embeddings of the "short" model
 

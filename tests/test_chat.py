@@ -18,16 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from streamer.chat import ChatSession
-from streamer.demo import DEMO_NOTICE
-from streamer.engine import load_engine
-from streamer.generate import stream_generate
-from streamer.repack import make_plan, run_repack
-from streamer.sampling import SamplingParams, make_sampler
-from streamer.synthetic import generate
+from streamer.generation.chat_session import ChatSession
+from streamer.generation.generate import stream_generate
+from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.loader import load_engine
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.synthetic.demo import DEMO_NOTICE
+from streamer.synthetic.writer import generate
 
 GREEDY = SamplingParams(0.0)
-STREAMER = [sys.executable, "-c", "from streamer.cli import main; main()"]
+STREAMER = [sys.executable, "-c", "from streamer.cli.main import main; main()"]
 # ChatML that keeps every answer verbatim (unlike Qwen3.5's, which drops earlier thinking).
 VERBATIM_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -112,7 +113,7 @@ def test_template_dropping_thinking_falls_back_to_the_boundary_snapshot(engine, 
     session = ChatSession(engine, GREEDY, max_tokens=8)
     run_turn(session, "hello there")
     head = tok.encode(tok.apply_chat_template(session.messages[:1], add_generation_prompt=False))
-    with caplog.at_level(logging.INFO, logger="streamer.chat"):
+    with caplog.at_level(logging.INFO, logger="streamer.generation.chat_session"):
         _, second = run_turn(session, "and more")
     assert second.reused == "snapshot"
     assert second.prefilled_tokens == second.prompt_tokens - len(head)
@@ -132,7 +133,7 @@ def test_system_change_and_reset(engine, caplog):
     session = ChatSession(engine, GREEDY, max_tokens=4)
     run_turn(session, "hello")
     session.set_system("You are terse.")
-    with caplog.at_level(logging.INFO, logger="streamer.chat"):
+    with caplog.at_level(logging.INFO, logger="streamer.generation.chat_session"):
         _, turn = run_turn(session, "again")
     assert turn.reused == "none" and turn.prefilled_tokens == turn.prompt_tokens
     assert "prefilling all" in caplog.text
@@ -210,7 +211,7 @@ def test_interrupt_inside_a_model_call_recovers_the_last_snapshot(engine, calls_
     ],
 )
 def test_thinking_is_tagged_dimmed_or_hidden_and_kept_apart_in_history(engine, capsys, color, hide, expected):
-    from streamer.cli_chat import _ChatLoop
+    from streamer.cli.chat import _ChatLoop
 
     tok = engine.tokenizer
     forced = [*tok.encode("Let me think.\n"), tok.token_id("</think>"), *tok.encode("\n\nSure, here it is.")]
@@ -238,7 +239,7 @@ def test_thinking_is_tagged_dimmed_or_hidden_and_kept_apart_in_history(engine, c
     ],
 )
 def test_typed_messages_span_lines_with_triple_quotes_or_backslashes(engine, monkeypatch, typed, message):
-    from streamer.cli_chat import _ChatLoop
+    from streamer.cli.chat import _ChatLoop
 
     lines = iter(typed)
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))

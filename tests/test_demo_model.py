@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from streamer import demo
-from streamer.config import ModelArgs
+from streamer.models.args import ModelArgs
 from streamer.models.load import load_model
 from streamer.models.qwen3_5_moe import SparseMoeBlock
-from streamer.synthetic import Preset, generate
+from streamer.synthetic import demo
+from streamer.synthetic.presets import Preset
+from streamer.synthetic.writer import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from demo_eval import held_out_windows, init_model_for, routing_stats, unigram_entropy  # noqa: E402

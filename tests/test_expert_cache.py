@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.experts.cache import CacheFullError, ExpertCache, block_shape, plan_slots
-from streamer.experts.prefetch import Prefetcher
+from streamer.experts.expert_cache import CacheFullError, ExpertCache, block_shape, plan_slots
+from streamer.experts.readers import Prefetcher
 
 H, I, G = 128, 64, 64  # hidden, expert inter, group size
 

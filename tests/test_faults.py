@@ -19,16 +19,17 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from streamer import cli_options
-from streamer.cli import main
-from streamer.config import RuntimeConfig
-from streamer.engine import load_engine
+from streamer.cli import options as cli_options
+from streamer.cli.main import main
 from streamer.experts.store import ExpertReadError
-from streamer.generate import stream_generate
-from streamer.repack import make_plan, run_repack
-from streamer.sampling import SamplingParams, make_sampler
-from streamer.server import ServeConfig, start_server
-from streamer.synthetic import generate
+from streamer.generation.generate import stream_generate
+from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.loader import load_engine
+from streamer.serve.http import ServeConfig, start_server
+from streamer.settings import RuntimeConfig
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.synthetic.writer import generate
 
 TIMEOUT_S = 0.5  # --io-timeout in these tests
 CACHE = ["--cache-experts", "6"]  # 6 slots for 4 layers x 16 experts: decode keeps reading

@@ -6,12 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from streamer.models.gated_delta import (
-    compute_g,
-    gated_delta_chunked,
-    gated_delta_recurrent,
-    normalize_qk,
-)
+from streamer.models.gated_delta import compute_g, gated_delta_chunked, gated_delta_recurrent, normalize_qk
 
 # Lengths around chunk boundaries (chunk sizes 16 and 64 below) up to 300.
 LENGTHS = [1, 2, 3, 15, 16, 17, 31, 63, 64, 65, 100, 127, 128, 129, 191, 255, 256, 257, 299, 300]

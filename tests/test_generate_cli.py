@@ -8,9 +8,10 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from streamer.cli import main
-from streamer.repack import make_plan, run_repack
-from streamer.synthetic import generate
+from streamer.cli.main import main
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.synthetic.writer import generate
 
 mlx_lm = pytest.importorskip("mlx_lm")
 

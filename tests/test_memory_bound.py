@@ -20,8 +20,10 @@ import sys
 
 import pytest
 
-from streamer.repack import make_plan, run_repack
-from streamer.synthetic import Preset, _text_config, generate
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.synthetic.presets import Preset, _text_config
+from streamer.synthetic.writer import generate
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 
@@ -60,10 +62,10 @@ def hwm_bytes():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
-from streamer.config import RuntimeConfig
-from streamer.engine import load_engine
-from streamer.generate import stream_generate
-from streamer.sampling import SamplingParams, make_sampler
+from streamer.settings import RuntimeConfig
+from streamer.loader import load_engine
+from streamer.generation.generate import stream_generate
+from streamer.generation.sampling import SamplingParams, make_sampler
 
 baseline = peak_bytes()
 engine = load_engine(sys.argv[1], RuntimeConfig(cache_bytes=int(sys.argv[2])))

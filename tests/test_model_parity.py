@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from streamer.config import ModelArgs, QuantSpec
 from streamer.errors import CheckpointError, ConfigError
-from streamer.models.cache import restore_caches, snapshot_caches
-from streamer.models.experts import ResidentExperts
+from streamer.models.args import ModelArgs
+from streamer.models.layer_cache import restore_caches, snapshot_caches
 from streamer.models.load import load_model
-from streamer.synthetic import generate
+from streamer.models.quantization import QuantSpec
+from streamer.models.resident_experts import ResidentExperts
+from streamer.synthetic.writer import generate
 
 mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
 

@@ -19,21 +19,17 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from streamer import paths
-from streamer.checkpoint import load_checkpoint
-from streamer.cli import main
+from streamer.cli.main import main
 from streamer.errors import CheckpointError, PackedFormatError
-from streamer.packed import (
-    MANIFEST_FILE,
-    PROGRESS_FILE,
-    RESIDENT_FILE,
-    open_packed,
-    read_manifest,
-    verify_packed,
-)
-from streamer.repack import DestinationError, make_plan, run_repack
-from streamer.safetensors_file import read_header
-from streamer.synthetic import generate
+from streamer.storage import paths
+from streamer.storage.checkpoint import load_checkpoint
+from streamer.storage.packed import open_packed, read_manifest
+from streamer.storage.packed_format import MANIFEST_FILE, PROGRESS_FILE, RESIDENT_FILE
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import DestinationError, make_plan
+from streamer.storage.safetensors_file import read_header
+from streamer.storage.verify import verify_packed
+from streamer.synthetic.writer import generate
 
 SHARD_BYTES = 256 << 10
 
@@ -191,7 +187,7 @@ def test_unquantized_experts_have_only_weights(sources, tmp_path):
 @pytest.fixture
 def small_groups(monkeypatch):
     """Groups of 4 experts, so that progress (and interruptions) happen many times inside a layer."""
-    monkeypatch.setattr("streamer.repack.GROUP_BYTES", 4 * 16384)
+    monkeypatch.setattr("streamer.storage.repack.GROUP_BYTES", 4 * 16384)
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +256,9 @@ def test_sigkill_mid_layer_then_cli_resume(reference, tmp_path):
     dst = tmp_path / "out"
     script = (
         "import os, signal, sys\n"
-        "from streamer import repack\n"
-        "from streamer.repack import make_plan, run_repack\n"
+        "from streamer.storage import repack\n"
+        "from streamer.storage.repack import run_repack\n"
+        "from streamer.storage.repack_plan import make_plan\n"
         "repack.GROUP_BYTES = 4 * 16384\n"
         "def progress(done, total):\n"
         "    if done > 2_000_000: os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -270,7 +267,7 @@ def test_sigkill_mid_layer_then_cli_resume(reference, tmp_path):
     killed = subprocess.run([sys.executable, "-c", script, str(src), str(dst)], capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     assert list((dst / "experts").glob("*.partial")) and not (dst / MANIFEST_FILE).exists()
-    cli = [sys.executable, "-c", "from streamer.cli import main; main()", "repack", str(src), str(dst)]
+    cli = [sys.executable, "-c", "from streamer.cli.main import main; main()", "repack", str(src), str(dst)]
     done = subprocess.run(cli, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resumed" in done.stderr and _tree(dst) == want
@@ -278,8 +275,9 @@ def test_sigkill_mid_layer_then_cli_resume(reference, tmp_path):
 
 _KILLER = """
 import os, signal, sys
-from streamer import repack
-from streamer.repack import make_plan, run_repack
+from streamer.storage import repack
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
 repack.GROUP_BYTES = 4 * 16384
 kind, arg = sys.argv[3].split(":")
 def die():
@@ -313,7 +311,7 @@ def test_sigkill_at_seeded_points_resumes_byte_identical(reference, tmp_path, se
         run = subprocess.run([sys.executable, "-c", _KILLER, str(src), str(dst), kill], capture_output=True)
         assert run.returncode == -signal.SIGKILL, (kill, run.stderr.decode())
     assert (dst / MANIFEST_FILE).exists() and (dst / PROGRESS_FILE).exists()  # complete, not cleaned up
-    cli = [sys.executable, "-c", "from streamer.cli import main; main()", "repack", str(src), str(dst)]
+    cli = [sys.executable, "-c", "from streamer.cli.main import main; main()", "repack", str(src), str(dst)]
     done = subprocess.run(cli, capture_output=True, text=True)
     assert done.returncode == 0 and "already packed" in done.stderr, done.stderr
     assert _tree(dst) == want

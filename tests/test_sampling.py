@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.sampling import (
+from streamer.generation.sampling import (
     SamplingParams,
     apply_penalties,
     default_sampling_params,

@@ -21,15 +21,16 @@ import anthropic
 import openai
 import pytest
 
-from streamer.engine import load_engine
 from streamer.errors import ConfigError
-from streamer.generate import stream_generate
-from streamer.prefix_cache import PrefixCache
-from streamer.repack import make_plan, run_repack
-from streamer.sampling import SamplingParams, make_sampler
-from streamer.server import ServeConfig, start_server
-from streamer.server_worker import Finished, GenerationWorker, Job, Piece, StopMatcher
-from streamer.synthetic import generate
+from streamer.generation.generate import stream_generate
+from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.loader import load_engine
+from streamer.serve.http import ServeConfig, start_server
+from streamer.serve.prefix_cache import PrefixCache
+from streamer.serve.worker import Finished, GenerationWorker, Job, Piece, StopMatcher
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.synthetic.writer import generate
 
 GREEDY = {"temperature": 0}
 WEATHER_TOOL = {

@@ -18,10 +18,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from streamer.engine import load_engine  # noqa: E402
-from streamer.repack import make_plan, run_repack  # noqa: E402
-from streamer.server import ServeConfig, start_server  # noqa: E402
-from streamer.synthetic import generate  # noqa: E402
+from streamer.loader import load_engine  # noqa: E402
+from streamer.serve.http import ServeConfig, start_server  # noqa: E402
+from streamer.storage.repack import run_repack  # noqa: E402
+from streamer.storage.repack_plan import make_plan  # noqa: E402
+from streamer.synthetic.writer import generate  # noqa: E402
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens"]
 FIELDS = [

@@ -13,12 +13,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from streamer.chat import ChatSession
-from streamer.engine import load_engine
-from streamer.models.cache import DeltaNetSnapshot, KVSnapshot
-from streamer.repack import make_plan, run_repack
-from streamer.sampling import SamplingParams
-from streamer.session import (
+from streamer.generation.chat_session import ChatSession
+from streamer.generation.sampling import SamplingParams
+from streamer.loader import load_engine
+from streamer.models.layer_cache import DeltaNetSnapshot, KVSnapshot
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.storage.session import (
     MAGIC,
     SessionError,
     SessionState,
@@ -27,10 +28,10 @@ from streamer.session import (
     session_path,
     write_session,
 )
-from streamer.synthetic import generate
+from streamer.synthetic.writer import generate
 
 GREEDY = SamplingParams(0.0)
-STREAMER = [sys.executable, "-c", "from streamer.cli import main; main()"]
+STREAMER = [sys.executable, "-c", "from streamer.cli.main import main; main()"]
 
 
 def _packed(root, seed):

@@ -12,12 +12,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from streamer.config import ModelArgs, RuntimeConfig
-from streamer.engine import load_engine, minimum_cache_bytes
 from streamer.errors import StreamerError
-from streamer.packed import open_packed
-from streamer.repack import make_plan, run_repack
-from streamer.synthetic import generate
+from streamer.experts.budget import minimum_cache_bytes
+from streamer.loader import load_engine
+from streamer.models.args import ModelArgs
+from streamer.settings import RuntimeConfig
+from streamer.storage.packed import open_packed
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.synthetic.writer import generate
 
 PROMPT = [5, 77, 301, 12, 9, 44, 500, 3, 18, 250, 61, 7, 99, 140, 8, 2]
 
@@ -182,7 +185,7 @@ def test_a_miss_never_evicts_an_expert_the_same_step_hits(packed):
 
 
 def test_cgroup_limit_files_follow_this_process_group(tmp_path):
-    from streamer.config import _cgroup_limit_files
+    from streamer.experts.budget import _cgroup_limit_files
 
     proc = tmp_path / "cgroup"
     proc.write_text("12:cpu,cpuacct:/other\n9:memory:/user/job\n0::/unified/job\n")

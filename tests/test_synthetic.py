@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from streamer.safetensors_file import read_header
-from streamer.synthetic import PRESETS, float_weights, generate, get_preset, make_config
+from streamer.storage.safetensors_file import read_header
+from streamer.synthetic.params import float_weights
+from streamer.synthetic.presets import PRESETS, get_preset
+from streamer.synthetic.writer import generate, make_config
 
 mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.models.qwen3_5_moe import Model, ModelArgs  # noqa: E402
@@ -153,7 +155,8 @@ def test_full_width_streams_expert_by_expert(tmp_path, monkeypatch):
     preset = get_preset("full-width", num_layers=1)
     tc = preset.text_config
     assert (tc["hidden_size"], tc["num_experts"], tc["moe_intermediate_size"]) == (4096, 512, 1024)
-    from streamer.synthetic import checkpoint_bytes, plan_params, quant_params_for, tensor_specs
+    from streamer.synthetic.params import plan_params, quant_params_for
+    from streamer.synthetic.writer import checkpoint_bytes, tensor_specs
 
     per_expert = 0
     for p in plan_params(tc):
@@ -192,7 +195,7 @@ def test_codes_mode_gives_a_sane_model(tmp_path):
 
 def test_value_fn_exports_given_weights_with_the_same_recipe(tmp_path):
     """Trained weights go through the same quantization path: feeding the seed's values reproduces it."""
-    from streamer.synthetic import float_value
+    from streamer.synthetic.params import float_value
 
     ref = generate(tmp_path / "ref", "tiny", seed=4)
     doubled = generate(tmp_path / "x2", "tiny", seed=4, value_fn=lambda p, e: float_value(p, 4, e))

@@ -15,7 +15,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from streamer.tokenizer_assets import (
+from streamer.text.tokenizer_assets import (
     QWEN3_5_NON_SPECIAL,
     QWEN3_5_PRETOKENIZE_REGEX,
     QWEN3_5_SPECIAL_TOKENS,

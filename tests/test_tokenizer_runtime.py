@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from streamer.tokenizer import Tokenizer
-from streamer.tokenizer_assets import write_tokenizer_files
+from streamer.text.tokenizer import Tokenizer
+from streamer.text.tokenizer_assets import write_tokenizer_files
 
 # Emoji (with skin tone, ZWJ family, flag), CJK, Hangul, Devanagari, accents: many split across tokens.
 TEXT = "Hi 🙂👍🏽 — 你好，世界！混合专家模型。👨‍👩‍👧‍👦 🇯🇵 東京 안녕하세요 नमस्ते café ½ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🦙🦙🦙 end"

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from streamer.tokenizer import make_template_environment
-from streamer.tokenizer_assets import qwen3_5_chat_template
-from streamer.tool_calls import OutputParser, convert_argument, parse_tool_call
+from streamer.serve.tool_calls import OutputParser, convert_argument, parse_tool_call
+from streamer.text.tokenizer import make_template_environment
+from streamer.text.tokenizer_assets import qwen3_5_chat_template
 
 WEATHER = {
     "type": "function",

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from streamer.tokenizer_assets import (
+from streamer.text.tokenizer_assets import (
     QWEN3_5_NON_SPECIAL,
     QWEN3_5_PRETOKENIZE_REGEX,
     QWEN3_5_SPECIAL_TOKENS,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.tokenizer_assets import (
+from streamer.text.tokenizer_assets import (
     QWEN3_5_SPECIAL_TOKENS,
     QWEN3_5_TOKENIZER_CONFIG,
     qwen3_5_chat_template,

@@ -34,9 +34,9 @@ import numpy as np
 from demo_corpus import encode_documents, read_corpus, train_tokenizer, write_tokenizer_dir
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from streamer.config import ModelArgs
+from streamer.models.args import ModelArgs
 from streamer.models.qwen3_5_moe import Model, SparseMoeBlock
-from streamer.synthetic import _text_config
+from streamer.synthetic.presets import _text_config
 
 # Fields that do not change the trained weights: a resumed run may change them.
 RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "compile")
@@ -444,7 +444,9 @@ def export_checkpoint(
         FileNotFoundError: the run has no checkpoint yet.
         ValueError: the trained weights do not match the checkpoint's parameter plan.
     """
-    from streamer.synthetic import Preset, generate, plan_params
+    from streamer.synthetic.params import plan_params
+    from streamer.synthetic.presets import Preset
+    from streamer.synthetic.writer import generate
 
     run_dir = Path(run_dir)
     cfg = TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))

@@ -45,7 +45,7 @@ def maybe_reexec_with_openblas(enabled: bool) -> None:
 
 
 def default_run_dir() -> Path:
-    from streamer.demo import cache_dir
+    from streamer.synthetic.demo import cache_dir
 
     return cache_dir() / "train-demo"
 

@@ -18,8 +18,10 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from ..errors import PackedFormatError, StreamerError
-from ..packed import LayerEntry, PackedModel, read_into
+from streamer.errors import PackedFormatError, StreamerError
+from streamer.storage.files import read_into
+from streamer.storage.packed import PackedModel
+from streamer.storage.packed_format import LayerEntry
 
 IO_MODES = ("buffered", "direct")
 _DIRECT_ALIGN = 4096

@@ -15,9 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import ModelArgs, QuantSpec
-from ..errors import CheckpointError, ConfigError
-from .qwen3_5_moe import DeltaRule, Model
+from streamer.errors import CheckpointError, ConfigError
+from streamer.models.args import ModelArgs
+from streamer.models.quantization import QuantSpec
+from streamer.models.qwen3_5_moe import DeltaRule, Model
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import ModelArgs
-from ..errors import ConfigError
-from . import gated_delta
-from .cache import DeltaNetCache, KVCache, LayerCache
-from .experts import Experts, ResidentExperts
-from .layers import RMSNormGated, SwiGLUMLP
+from streamer.errors import ConfigError
+from streamer.models import gated_delta
+from streamer.models.args import ModelArgs
+from streamer.models.layer_cache import DeltaNetCache, KVCache, LayerCache
+from streamer.models.layers import RMSNormGated, SwiGLUMLP
+from streamer.models.resident_experts import Experts, ResidentExperts
 
 # How DeltaNet layers run a multi-token call: "chunked" (matrix form, fast prefill) or
 # "recurrent" (token by token, the exact mlx-lm CPU order). Single tokens always run recurrent.

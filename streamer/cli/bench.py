@@ -1,0 +1,207 @@
+"""`streamer bench` (speed on this machine) and `streamer advise` (which --cache-gb, from a trace)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from streamer.cli.options import open_engine, resolve_model, with_runtime
+from streamer.errors import ConfigError
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--decode-tokens", "-n", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write routing as JSON lines.")
+@click.option(
+    "--disk-test/--no-disk-test",
+    default=True,
+    show_default=True,
+    help="Also time random reads of the model's expert blocks (about 2 s).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@with_runtime
+def bench(model, prompt_tokens, decode_tokens, trace, disk_test, as_json, runtime, resident):
+    """Measure prompt and decode speed of MODEL (the demo when omitted) with the given cache flags.
+
+    Prints prompt and decode tok/s, the expert cache hit rate, GB/s read and the share of time stalled
+    on I/O. With --trace, the routing is saved for `streamer advise`.
+
+    \b
+    Examples:
+      streamer bench mlx-community/Qwen3.5-35B-A3B-4bit --cache-gb 8
+      streamer bench ./packed --trace route.jsonl --json
+    """
+    from streamer.tuning.bench import bench_prompt, measure_read_gbps, run_bench
+    from streamer.tuning.trace import RouteTrace
+
+    with open_engine(model, runtime, resident) as engine:
+        if trace and engine.runtime is None:
+            raise ConfigError(
+                "--trace needs a packed model (a --resident run has no expert routing to record)"
+            )
+        tracer = RouteTrace(trace) if trace else None
+        try:
+            result = run_bench(engine, bench_prompt(engine, prompt_tokens), decode_tokens, on_route=tracer)
+        finally:
+            if tracer:
+                tracer.close()
+        if disk_test and engine.runtime is not None:
+            gbps, mode = measure_read_gbps(engine.path, threads=runtime.threads)
+            result["disk"] = {"read_gbps": gbps, "io_mode": mode}
+    if trace:
+        result["trace"] = str(trace)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        _print_bench(result)
+
+
+def _print_bench(r: dict) -> None:
+    p, d = r["prompt"], r["decode"]
+    click.echo(f"prompt: {p['tokens']} tokens at {p['tps']:.1f} tok/s")
+    click.echo(
+        f"decode: {d['tokens']} tokens at {d['tps']:.2f} tok/s "
+        f"({r['compute_ms_per_token']:.1f} ms/token not stalled on I/O)"
+    )
+    if not r["streamed"]:
+        click.echo("resident: every expert in memory (no cache statistics)")
+        return
+    click.echo(f"expert cache: {_size(r['cache_bytes'])} of {_size(r['expert_bytes'])} of experts")
+    for name, s in (("prompt", p), ("decode", d)):
+        hit = "-" if s["hit_rate"] is None else f"{100 * s['hit_rate']:.1f}%"
+        click.echo(
+            f"  {name}: hit rate {hit}, read {_size(s['bytes_read'])} at {s['read_gbps']:.3f} GB/s, "
+            f"stalled on I/O {100 * s['stall_share']:.0f}% of the time"
+        )
+    if "disk" in r:
+        disk = r["disk"]
+        click.echo(f"disk: random expert-block reads at {disk['read_gbps']:.2f} GB/s ({disk['io_mode']} I/O)")
+    if "trace" in r:
+        gbps = f" --read-gbps {r['disk']['read_gbps']:.2f}" if "disk" in r else ""
+        click.echo(
+            f"next: streamer advise {r['trace']} --model {r['model']} "
+            f"--compute-ms {r['compute_ms_per_token']:.1f}{gbps}"
+        )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{flag} needs positive numbers, got {text!r}")
+    return values
+
+
+@click.command()
+@click.argument("trace", type=click.Path(path_type=Path))
+@click.option("--model", "-m", help="The packed model the trace was recorded with (for GB and tok/s).")
+@click.option(
+    "--cache-gb", "cache_gb", help="Cache sizes to try, comma-separated (default: 5%-100% of experts)."
+)
+@click.option("--slots", help="Without --model: cache sizes in experts, comma-separated.")
+@click.option(
+    "--compute-ms", type=click.FloatRange(min=0), help="Compute per decode token (from `streamer bench`)."
+)
+@click.option(
+    "--read-gbps",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Disk read speed (default with --model: measured now, about 2 s).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def advise(trace, model, cache_gb, slots, compute_ms, read_gbps, as_json):
+    """Hit rate and expected decode tok/s per expert-cache size, from a routing TRACE.
+
+    Record TRACE on your machine with `streamer bench MODEL --trace FILE` (or `streamer generate ...
+    --trace FILE`), then replay it here: every cache size is simulated with the runtime's own LRU policy
+    (and, for reference, the optimal policy), so you can choose --cache-gb from evidence.
+
+    \b
+    Examples:
+      streamer advise route.jsonl --model mlx-community/Qwen3.5-35B-A3B-4bit --compute-ms 45
+      streamer advise route.jsonl --model ./packed --cache-gb 8,16,32 --read-gbps 5 --json
+    """
+    from streamer.tuning.advise import advise_slots
+    from streamer.tuning.cache_sim import read_trace
+
+    steps = read_trace(trace)
+    info: dict = {"trace": str(trace)}
+    if model is None:
+        if cache_gb or compute_ms is not None or read_gbps:
+            raise ConfigError(
+                "--cache-gb, --compute-ms and --read-gbps need --model (block sizes come from it)"
+            )
+        counts = _floats(slots, "--slots")
+        rows = advise_slots(steps, None if counts is None else [int(c) for c in counts])
+    else:
+        rows, info = _advise_model(steps, model, cache_gb, compute_ms, read_gbps, info)
+    if as_json:
+        click.echo(json.dumps({**info, "rows": [r.__dict__ for r in rows]}))
+    else:
+        _print_advice(rows, info)
+
+
+def _advise_model(steps, model, cache_gb, compute_ms, read_gbps, info):
+    from streamer.models.args import ModelArgs
+    from streamer.storage.packed import read_manifest
+    from streamer.tuning.advise import advise_model
+    from streamer.tuning.bench import measure_read_gbps
+
+    path = resolve_model(model)
+    manifest = read_manifest(path)
+    args = ModelArgs.from_dict(json.loads((path / "config.json").read_text()))
+    if read_gbps is None:
+        read_gbps, mode = measure_read_gbps(path)
+        info["read_gbps_measured"] = {"gbps": read_gbps, "io_mode": mode}
+    budgets = _floats(cache_gb, "--cache-gb")
+    rows = advise_model(
+        steps,
+        manifest,
+        args,
+        None if budgets is None else [int(b * 1e9) for b in budgets],
+        compute_ms,
+        read_gbps,
+    )
+    info.update(model=str(path), compute_ms=compute_ms, read_gbps=read_gbps)
+    return rows, info
+
+
+def _print_advice(rows, info: dict) -> None:
+    with_gb = rows[0].cache_bytes is not None
+    head = f"{'cache' if with_gb else 'slots':>9} {'experts':>8} {'hit rate':>9} {'optimal':>8}"
+    if with_gb:
+        head += f" {'MB/token':>9} {'tok/s':>7} {'overlap':>8}"
+    click.echo(head)
+    for r in rows:
+        line = f"{_size(r.cache_bytes):>9} " if with_gb else f"{r.slots:>9d} "
+        line += f"{100 * r.share:>7.1f}% {100 * r.hit_rate:>8.1f}% {100 * r.optimal_hit_rate:>7.1f}%"
+        if with_gb:
+            line += f" {r.missed_mb_per_token:>9.1f}"
+            if r.serial_tps is not None:
+                line += f" {r.serial_tps:>7.2f} {r.overlapped_tps:>8.2f}"
+        click.echo(line)
+    if not with_gb:
+        click.echo("(experts = share of the experts the trace touches; pass --model for GB and tok/s)")
+        return
+    measured = " (measured now)" if "read_gbps_measured" in info else ""
+    compute = info["compute_ms"]
+    click.echo(
+        f"tok/s = 1 / (compute + MB/token / {info['read_gbps']:.2f} GB/s{measured}); overlap = reads fully "
+        f"hidden behind compute. Compute per token: "
+        + (
+            f"{compute:g} ms"
+            if compute is not None
+            else "not given (I/O only; pass --compute-ms from `streamer bench`)"
+        )
+    )

@@ -1,0 +1,191 @@
+"""Flags shared by every command that runs a model (generate, chat, serve, bench), and model lookup.
+
+Each flag maps 1:1 to a ``RuntimeConfig`` field; ``--cache-gb`` is converted to bytes here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from streamer.errors import ConfigError
+from streamer.loader import Engine, is_packed, load_engine
+from streamer.settings import IO_MODES, PREFETCH_MODES, RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+def runtime_options(command):
+    """Adds the expert-cache, I/O and compute flags to a click command."""
+    options = [
+        click.option(
+            "--cache-gb",
+            type=float,
+            default=None,
+            help="Expert cache size in GB (default: 75% of RAM minus resident weights minus 4 GB headroom).",
+        ),
+        click.option(
+            "--cache-experts", type=int, default=None, help="Expert cache size as a number of experts."
+        ),
+        click.option(
+            "--io",
+            "io_mode",
+            type=click.Choice(IO_MODES),
+            default="buffered",
+            show_default=True,
+            help="buffered: through the OS page cache; direct: bypass it (O_DIRECT / F_NOCACHE).",
+        ),
+        click.option(
+            "--prefetch",
+            type=click.Choice(PREFETCH_MODES),
+            default="parallel",
+            show_default=True,
+            help="off: read misses one by one; parallel: read a layer's misses at once; "
+            "predict: also guess the next layer's experts early.",
+        ),
+        click.option("--threads", type=int, default=8, show_default=True, help="Expert reader threads."),
+        click.option(
+            "--io-timeout",
+            type=float,
+            default=60.0,
+            show_default=True,
+            help="Seconds one expert read may take before the request fails (a stalled or detached disk).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "bfloat16", "float16"]),
+            default=None,
+            help="Activation dtype (default: float32 on CPU, bfloat16 on GPU).",
+        ),
+        click.option(
+            "--resident",
+            is_flag=True,
+            help="Run a source checkpoint with every expert in memory (no repack; needs RAM for all of it).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def runtime_config(
+    cache_gb: float | None,
+    cache_experts: int | None,
+    io_mode: str,
+    prefetch: str,
+    threads: int,
+    dtype: str | None,
+    io_timeout: float = 60.0,
+) -> RuntimeConfig:
+    """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
+    if cache_gb is not None and not (cache_gb > 0 and math.isfinite(cache_gb)):
+        raise ConfigError(f"--cache-gb must be a positive number of GB, got {cache_gb:g}")
+    if not (io_timeout > 0 and math.isfinite(io_timeout)):
+        raise ConfigError(f"--io-timeout must be a positive number of seconds, got {io_timeout:g}")
+    return RuntimeConfig(
+        cache_bytes=None if cache_gb is None else int(cache_gb * 1e9),
+        cache_experts=cache_experts,
+        io_mode=io_mode,
+        prefetch=prefetch,
+        threads=threads,
+        dtype=dtype,
+        io_timeout_s=io_timeout,
+    )
+
+
+def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
+    """Removes the shared flags from a command's kwargs: (RuntimeConfig, resident flag)."""
+    resident = kwargs.pop("resident")
+    names = ("cache_gb", "cache_experts", "io_mode", "prefetch", "threads", "dtype")
+    values = {n: kwargs.pop(n) for n in names}
+    return runtime_config(**values, io_timeout=kwargs.pop("io_timeout", 60.0)), resident
+
+
+def resolve_model(model: str | None, resident: bool = False) -> Path:
+    """A model argument to a directory: packed dir, checkpoint (with --resident), hub id, or the demo.
+
+    With no argument the embedded demo model is built (once) and packed (once).
+    """
+    if model is None:
+        from streamer.synthetic.demo import DEMO_NOTICE, demo_packed
+
+        click.echo(DEMO_NOTICE, err=True)
+        return demo_packed()
+    path = Path(model).expanduser()
+    if path.is_dir() and (is_packed(path) or resident):
+        return path
+    if resident:
+        from streamer.storage.paths import resolve_source
+
+        return resolve_source(model)[0]
+    from streamer.storage.paths import resolve_packed_model
+
+    return resolve_packed_model(model)
+
+
+def open_engine(model: str | None, config: RuntimeConfig, resident: bool) -> Engine:
+    path = resolve_model(model, resident)
+    with sigint_blocked():  # threads MLX starts while loading must not take Ctrl-C (see cli.py)
+        return load_engine(path, config, resident=resident)
+
+
+@contextlib.contextmanager
+def sigint_blocked():
+    """Blocks SIGINT in this thread for the block; a Ctrl-C pressed meanwhile arrives right after it."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def with_runtime(fn):
+    """Decorator: adds the shared flags and passes ``runtime=RuntimeConfig, resident=bool`` instead."""
+
+    @runtime_options
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        config, resident = pop_runtime_kwargs(kwargs)
+        return fn(runtime=config, resident=resident, **kwargs)
+
+    return wrapper
+
+
+# The sampling flags chat and serve share: (flag, SamplingParams field, click type, help).
+_SAMPLING_FLAGS = (
+    ("--temp", "temperature", click.FloatRange(min=0), "Temperature; 0 = greedy."),
+    ("--top-p", "top_p", click.FloatRange(0, 1, min_open=True), "Keep the likeliest tokens up to this mass."),
+    ("--top-k", "top_k", click.IntRange(min=0), "Keep the k likeliest tokens; 0 = off."),
+    ("--min-p", "min_p", click.FloatRange(0, 1, max_open=True),
+     "Drop tokens less likely than this fraction of the likeliest."),
+    ("--presence-penalty", "presence_penalty", float, "Subtracted from recent tokens' logits."),
+    ("--repetition-penalty", "repetition_penalty", click.FloatRange(min=0, min_open=True),
+     "Divides recent tokens' logits (1 = off)."),
+)  # fmt: skip
+
+
+def sampling_options(note: str = ""):
+    """Adds the sampling flags; the command gets ``sampling_overrides``: SamplingParams field -> value,
+    None where the flag was not given (the model's defaults then apply). ``note`` ends every help text."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            overrides = {field: kwargs.pop(field) for _, field, _, _ in _SAMPLING_FLAGS}
+            return fn(sampling_overrides=overrides, **kwargs)
+
+        for flag, field, kind, text in reversed(_SAMPLING_FLAGS):
+            wrapper = click.option(flag, field, type=kind, default=None, help=f"{text}{note}")(wrapper)
+        return wrapper
+
+    return decorate

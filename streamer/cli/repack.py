@@ -1,0 +1,205 @@
+"""`streamer repack | verify | info | list`: make, check and inspect packed models (formats/PACKED.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from streamer.errors import PackedFormatError
+from streamer.storage.packed import open_packed, read_manifest
+from streamer.storage.packed_format import PROGRESS_FILE, LayerEntry, Manifest
+from streamer.storage.paths import list_packed_dirs, model_id_from_dir_name, models_dir, resolve_packed_model
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_destination import inspect_destination
+from streamer.storage.repack_plan import RepackPlan, make_plan
+from streamer.storage.verify import verify_packed
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+class _Bar:
+    """A click progress bar over bytes that shows GB done and the rate of this run."""
+
+    def __init__(self, label: str, total: int):
+        self._bar = click.progressbar(
+            length=total,
+            label=label,
+            file=sys.stderr,
+            item_show_func=lambda text: text,
+        )
+        self._start, self._shown, self._first = time.monotonic(), 0, None
+
+    def __enter__(self) -> _Bar:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+
+    def absolute(self, done: int, total: int) -> None:
+        if self._first is None:
+            self._first = done  # bytes already done by an earlier, interrupted run
+        rate = (done - self._first) / max(time.monotonic() - self._start, 1e-9)
+        text = f"{done / 1e9:.2f}/{total / 1e9:.2f} GB  {rate / 1e9:.2f} GB/s"
+        self._bar.update(done - self._shown, current_item=text)
+        self._shown = done
+
+    def step(self, n: int) -> None:
+        self.absolute(self._shown + n, self._bar.length)
+
+
+def layer_summaries(layers: Sequence[LayerEntry]) -> list[str]:
+    """One line per run of consecutive layers with the same expert count, block size and quantization."""
+
+    def describe(e: LayerEntry) -> str:
+        parts = []
+        for c in e.components:
+            if c.name.endswith(".weight"):
+                q = f"{c.bits}-bit g{c.group_size}" if c.bits else c.dtype.lower()
+                parts.append(f"{c.name.split('.')[0]} {q}")
+        return f"{e.num_experts} experts × {e.block_bytes:,} B blocks: {', '.join(parts)}"
+
+    lines: list[str] = []
+    runs: list[tuple[int, int, str]] = []
+    for e in layers:
+        d = describe(e)
+        if runs and runs[-1][2] == d and runs[-1][1] == e.layer - 1:
+            runs[-1] = (runs[-1][0], e.layer, d)
+        else:
+            runs.append((e.layer, e.layer, d))
+    for first, last, d in runs:
+        name = f"layer {first}" if first == last else f"layers {first}-{last}"
+        lines.append(f"  {name:14} {d}")
+    return lines
+
+
+def describe_plan(plan: RepackPlan) -> str:
+    status, journal = inspect_destination(plan)
+    if status == "resume":
+        res = "resident + " if journal.resident_crc32 is not None else ""
+        status = f"resume ({res}{len(journal.layers)} of {len(plan.layers)} layers already done)"
+    elif status == "repair":
+        status = "damaged: repack rewrites the damaged files"
+    probe = plan.dst
+    while not probe.exists():
+        probe = probe.parent
+    ckpt = plan.checkpoint
+    lines = [
+        f"source    {plan.source_name}  ({ckpt.path})  {ckpt.model_type}",
+        f"dest      {plan.dst}  [{status}]",
+        f"resident  {len(plan.resident)} tensors, {_size(plan.resident_bytes)}  -> resident.safetensors",
+        f"experts   {len(plan.layers)} layers, {_size(plan.expert_bytes)}  -> experts/layer_NNN.bin",
+        *layer_summaries(plan.layers),
+        f"files     {', '.join(p.name for p in ckpt.extra_files)}",
+        f"total     {_size(plan.total_bytes + plan.files_bytes)}; "
+        f"{_size(shutil.disk_usage(probe).free)} free",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst", required=False, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the plan and sizes, write nothing.")
+def repack(src: str, dst: Path | None, dry_run: bool) -> None:
+    """Lay out SRC's experts for streaming (once per model).
+
+    SRC is an mlx-community checkpoint directory, or a Hugging Face id already in the local hub
+    cache. DST defaults to the streamer data dir, where `streamer chat SRC` finds it. Safe to
+    interrupt: run the same command again to resume where it stopped.
+    """
+    plan = make_plan(src, dst)
+    if dry_run:
+        click.echo(describe_plan(plan))
+        return
+    click.echo(f"repacking {plan.source_name} -> {plan.dst} ({_size(plan.total_bytes)})", err=True)
+    with _Bar("repack", plan.total_bytes) as bar:
+        result = run_repack(plan, progress=bar.absolute)
+    if result.status == "already packed":
+        click.echo(f"already packed: {plan.dst} (streamer verify re-checks every byte)", err=True)
+        return
+    rate = result.bytes_written / max(result.seconds, 1e-9)
+    if result.status == "repaired":
+        what = f"{_size(result.bytes_written)} of damaged files in"
+    else:
+        what = f"{len(plan.layers)} layers into"
+    click.echo(
+        f"{result.status} {what} {plan.dst} in {result.seconds:.1f} s "
+        f"({rate / 1e9:.2f} GB/s); verified as written",
+        err=True,
+    )
+
+
+@click.command()
+@click.argument("model")
+def verify(model: str) -> None:
+    """Re-check every checksum and bound of a packed MODEL (a directory or a packed id)."""
+    path = resolve_packed_model(model)
+    manifest = read_manifest(path)
+    start = time.monotonic()
+    with _Bar("verify", manifest.total_bytes) as bar:
+        verify_packed(path, progress=bar.step)
+    secs = time.monotonic() - start
+    n = sum(e.num_experts for e in manifest.layers)
+    click.echo(
+        f"ok: {path}: {n} expert blocks, {len(manifest.resident_crc32)} resident tensors match ({secs:.1f} s)"
+    )
+
+
+@click.command()
+@click.argument("model")
+def info(model: str) -> None:
+    """Print a packed MODEL's source, shape and sizes (resident vs streamed expert bytes)."""
+    path = resolve_packed_model(model)
+    m = open_packed(path).manifest
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    tc = config.get("text_config") or config
+    counts = sorted({e.num_experts for e in m.layers})
+    experts = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (per layer)"
+    lines = [
+        f"model      {m.source.get('name')}  ({m.model_type})",
+        f"path       {path}",
+        f"format     streamer-packed v1, config sha256 {m.source.get('config_sha256', '')[:12]}",
+        f"shape      {len(m.layers)} layers, hidden {tc.get('hidden_size')}, experts {experts}, "
+        f"top-{tc.get('num_experts_per_tok')}",
+        f"resident   {_size(m.resident_bytes)} ({len(m.resident_crc32)} tensors, loaded into memory)",
+        f"experts    {_size(m.expert_bytes)} (streamed from disk)",
+        *layer_summaries(m.layers),
+        f"total      {_size(m.total_bytes)}",
+    ]
+    click.echo("\n".join(lines))
+
+
+@click.command(name="list")
+def list_models() -> None:
+    """List the packed models in the streamer data dir with their sizes."""
+    dirs = list_packed_dirs()
+    if not dirs:
+        click.echo(f'no packed models in {models_dir()}; run "streamer repack ID" to make one')
+        return
+    rows = []
+    for d in dirs:
+        model_id = model_id_from_dir_name(d.name)
+        if (d / PROGRESS_FILE).is_file() and not (d / "manifest.json").is_file():
+            size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+            rows.append((model_id, _size(size), f'incomplete: run "streamer repack {model_id}" to resume'))
+            continue
+        try:
+            m: Manifest = read_manifest(d)
+            rows.append((model_id, _size(m.total_bytes), f"{len(m.layers)} layers, {m.model_type}"))
+        except PackedFormatError as e:  # one broken entry must not hide the others
+            rows.append((model_id, "?", f"unreadable: {e}"))
+    width = max(len(r[0]) for r in rows)
+    for model_id, size, note in rows:
+        click.echo(f"{model_id:{width}}  {size:>10}  {note}")

@@ -1,0 +1,88 @@
+"""How many bytes the expert cache gets: from --cache-gb / --cache-experts, or derived from the memory
+this process may use (physical RAM or its cgroup's limit).
+"""
+
+from __future__ import annotations
+
+from streamer.experts.runtime import block_shape_of
+from streamer.models.args import ModelArgs
+from streamer.settings import RuntimeConfig
+
+# Memory left to the OS, the page cache's working set and activations when the budget is derived.
+HEADROOM_BYTES = 4 << 30
+
+
+# The fraction of RAM streamer allows itself when no budget is given.
+RAM_SHARE = 0.75
+
+
+def total_ram_bytes() -> int:
+    """Memory this process may use: physical RAM, or its own memory cgroup's limit if lower (Linux)."""
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in _cgroup_limit_files():
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            ram = min(ram, int(text))
+    return ram
+
+
+def _cgroup_limit_files(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> list[str]:
+    """The memory limit files of this process's cgroup and its ancestors (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``): a limit set on any of them applies."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = f"{root}/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        files += [
+            f"{base}/{'/'.join(parts[:i])}/{name}".replace("//", "/") for i in range(len(parts), -1, -1)
+        ]
+    return files
+
+
+def default_cache_bytes(resident_bytes: int, expert_bytes: int, ram_bytes: int | None = None) -> int:
+    """The expert cache budget when the user gives none.
+
+    ``RAM × 0.75 − resident weights − 4 GB headroom`` (KV cache, DeltaNet state, activations, the OS),
+    never more than all experts. The caller raises it to the minimum (one layer's top-k) if needed.
+    """
+    ram = total_ram_bytes() if ram_bytes is None else ram_bytes
+    return max(0, min(expert_bytes, int(ram * RAM_SHARE) - resident_bytes - HEADROOM_BYTES))
+
+
+def _cache_budget(packed, args: ModelArgs, config: RuntimeConfig) -> int:
+    """Bytes for expert slots from --cache-gb, --cache-experts or the RAM-derived default."""
+    layers = packed.manifest.layers
+    if config.cache_bytes is not None:
+        return config.cache_bytes
+    slot_bytes = [block_shape_of(e).nbytes for e in layers]
+    if config.cache_experts is not None:
+        mean = sum(b * e.num_experts for b, e in zip(slot_bytes, layers, strict=True)) / sum(
+            e.num_experts for e in layers
+        )
+        return int(config.cache_experts * mean)
+    return max(
+        minimum_cache_bytes(packed, args),
+        default_cache_bytes(packed.manifest.resident_bytes, packed.manifest.expert_bytes),
+    )
+
+
+def minimum_cache_bytes(packed, args: ModelArgs) -> int:
+    """The smallest workable budget: one layer's top-k in every slot pool."""
+    return args.num_experts_per_tok * sum({block_shape_of(e).nbytes for e in packed.manifest.layers})

@@ -1,0 +1,257 @@
+"""ExpertCache: which experts stay in memory. Slot pools, an LRU map, a byte budget, pinning; no I/O.
+
+A *slot pool* holds one MLX array per block component (e.g. ``gate_proj.weight``), shaped
+``[slots, ...component shape]``, for every layer whose expert blocks have the same component shapes
+(mixed-precision checkpoints get one pool per distinct block shape). An expert lives in one slot;
+``mx.gather_qmm`` reads the pools with slot ids as ``rhs_indices``.
+
+Slots are filled by writing into the arrays' memory through zero-copy numpy views (see
+DESIGN.md §5). That is safe only while no unevaluated graph reads the slot: callers pin the slots a
+step uses and unpin them after evaluating it; eviction never picks a pinned slot.
+
+The cache is owned by the one thread that builds MLX graphs; I/O workers only fill buffers it hands out.
+
+Names: S = slots in a pool, E = experts in a layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import cachetools
+import mlx.core as mx
+import numpy as np
+
+from streamer.errors import ConfigError
+
+# Storage dtype per safetensors dtype: slots are written as raw integers of the same width and read
+# through ``.view`` as the real dtype (numpy cannot address bfloat16 memory directly).
+_STORAGE = {
+    "U32": (mx.uint32, mx.uint32),
+    "U8": (mx.uint8, mx.uint8),
+    "F32": (mx.uint32, mx.float32),
+    "BF16": (mx.uint16, mx.bfloat16),
+    "F16": (mx.uint16, mx.float16),
+}
+_ITEMSIZE = {"U32": 4, "U8": 1, "F32": 4, "BF16": 2, "F16": 2}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One tensor of an expert block, e.g. ``("gate_proj.weight", "U32", (512, 512))``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The components of one expert, in block order. Layers with equal BlockShapes share a pool."""
+
+    components: tuple[Component, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.components)
+
+
+class SlotPool:
+    """``slots`` expert-sized places for one BlockShape, as MLX arrays with writable numpy views."""
+
+    def __init__(self, shape: BlockShape, slots: int):
+        self.shape = shape
+        self.slots = slots
+        self._storage = {}
+        self._views = {}
+        for c in shape.components:
+            storage_dtype, _ = _STORAGE[c.dtype]
+            arr = mx.zeros((slots, *c.shape), dtype=storage_dtype)
+            mx.eval(arr)
+            self._storage[c.name] = arr
+            self._views[c.name] = np.array(arr, copy=False)  # zero-copy, writable
+        self.arrays = {c.name: self._storage[c.name].view(_STORAGE[c.dtype][1]) for c in shape.components}
+
+    def buffers(self, slot: int) -> list[memoryview]:
+        """Byte buffers of ``slot``'s components in block order, for ``os.preadv``."""
+        return [memoryview(self._views[c.name][slot]).cast("B") for c in self.shape.components]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    def snapshot(self) -> dict:
+        return {"cache_hits": self.hits, "cache_misses": self.misses, "evictions": self.evictions}
+
+
+@dataclass
+class _PoolState:
+    pool: SlotPool
+    lru: cachetools.LRUCache  # (layer, expert) -> slot, for slots holding committed data
+    free: list[int] = field(default_factory=list)
+
+
+class CacheFullError(RuntimeError):
+    """Every slot of a pool is pinned: the budget cannot hold what one step needs."""
+
+
+class ExpertCache:
+    """Maps (layer, expert) to slots within a byte budget. Single-threaded by design (see module doc).
+
+    Args:
+        layer_shapes: the BlockShape of every layer's experts.
+        layer_experts: number of experts per layer (REAP-pruned models differ per layer).
+        budget_bytes: bytes of expert slots in all pools together.
+        min_slots: the fewest slots any pool gets (at least one layer's top-k).
+    """
+
+    def __init__(
+        self,
+        layer_shapes: Mapping[int, BlockShape],
+        layer_experts: Mapping[int, int],
+        budget_bytes: int,
+        min_slots: int,
+    ):
+        self._pool_of_layer = dict(layer_shapes)
+        self.slots_per_shape = plan_slots(layer_shapes, layer_experts, budget_bytes, min_slots)
+        self._pools = {
+            shape: _PoolState(SlotPool(shape, n), cachetools.LRUCache(maxsize=n), list(range(n)))
+            for shape, n in self.slots_per_shape.items()
+        }
+        self._pins: Counter = Counter()  # (shape, slot) -> pin count
+        self.stats = CacheStats()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(s.nbytes * n for s, n in self.slots_per_shape.items())
+
+    def pool(self, layer: int) -> SlotPool:
+        return self._pools[self._pool_of_layer[layer]].pool
+
+    def lookup(self, layer: int, expert: int) -> int | None:
+        """The slot holding (layer, expert), marking it most recently used; None on a miss."""
+        return self._pools[self._pool_of_layer[layer]].lru.get((layer, expert))
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._pools[self._pool_of_layer[key[0]]].lru
+
+    def allocate(self, layer: int, expert: int) -> int:
+        """A pinned slot for (layer, expert) to be filled; ``commit`` or ``abort`` it afterwards.
+
+        Takes a free slot or evicts the least recently used unpinned one.
+
+        Raises:
+            CacheFullError: every slot of the layer's pool is pinned.
+        """
+        shape = self._pool_of_layer[layer]
+        state = self._pools[shape]
+        if state.free:
+            slot = state.free.pop()
+        else:
+            slot = self._evict(shape, state)
+        self._pins[(shape, slot)] += 1
+        return slot
+
+    def _evict(self, shape: BlockShape, state: _PoolState) -> int:
+        skipped = []
+        try:
+            while state.lru:
+                key, slot = state.lru.popitem()  # least recently used first
+                if self._pins[(shape, slot)]:
+                    skipped.append((key, slot))
+                    continue
+                self.stats.evictions += 1
+                return slot
+            raise CacheFullError(
+                f"all {state.pool.slots} expert slots are in use by the current step; "
+                "raise --cache-gb (the cache must hold at least one layer's top-k experts)"
+            )
+        finally:
+            for key, slot in reversed(skipped):  # pinned entries stay, now most recently used
+                state.lru[key] = slot
+
+    def commit(self, layer: int, expert: int, slot: int) -> None:
+        """Records that ``slot`` now holds (layer, expert). The slot stays pinned until ``unpin``."""
+        self._pools[self._pool_of_layer[layer]].lru[(layer, expert)] = slot
+
+    def abort(self, layer: int, slot: int) -> None:
+        """Returns a slot whose fill failed to the free list."""
+        shape = self._pool_of_layer[layer]
+        self._unpin_one(shape, slot)
+        self._pools[shape].free.append(slot)
+
+    def pin(self, layer: int, slots: Iterable[int]) -> None:
+        shape = self._pool_of_layer[layer]
+        for s in slots:
+            self._pins[(shape, s)] += 1
+
+    def unpin(self, layer: int, slots: Iterable[int]) -> None:
+        shape = self._pool_of_layer[layer]
+        for s in slots:
+            self._unpin_one(shape, s)
+
+    def _unpin_one(self, shape: BlockShape, slot: int) -> None:
+        key = (shape, slot)
+        assert self._pins[key] > 0, f"slot {slot} unpinned more often than pinned"
+        self._pins[key] -= 1
+        if not self._pins[key]:
+            del self._pins[key]
+
+    def pinned_count(self) -> int:
+        return len(self._pins)
+
+    def pinned_count_in(self, layer: int) -> int:
+        """Pinned slots in the pool that serves ``layer``."""
+        shape = self._pool_of_layer[layer]
+        return sum(1 for (s, _) in self._pins if s == shape)
+
+    def used_slots(self, layer: int) -> int:
+        """Slots holding committed experts in the pool that serves ``layer`` (all layers sharing it)."""
+        return len(self._pools[self._pool_of_layer[layer]].lru)
+
+    def resident_experts(self, layer: int) -> list[int]:
+        state = self._pools[self._pool_of_layer[layer]]
+        return sorted(e for (l, e) in state.lru if l == layer)
+
+
+def plan_slots(
+    layer_shapes: Mapping[int, BlockShape],
+    layer_experts: Mapping[int, int],
+    budget_bytes: int,
+    min_slots: int,
+) -> dict[BlockShape, int]:
+    """Slots per pool: the budget split in proportion to each pool's expert bytes, capped at its experts.
+
+    Raises:
+        ConfigError: the budget cannot give every pool ``min_slots`` slots.
+    """
+    experts_per_shape: Counter = Counter()
+    for layer, shape in layer_shapes.items():
+        experts_per_shape[shape] += layer_experts[layer]
+    total_bytes = sum(s.nbytes * n for s, n in experts_per_shape.items())
+    need = sum(s.nbytes * min(min_slots, n) for s, n in experts_per_shape.items())
+    if budget_bytes < need:
+        raise ConfigError(
+            f"an expert cache of {budget_bytes / 1e6:.1f} MB cannot hold one layer's top-{min_slots} experts "
+            f"({need / 1e6:.1f} MB needed); raise --cache-gb or --cache-experts"
+        )
+    plan = {}
+    for shape, n in experts_per_shape.items():
+        share = budget_bytes * (shape.nbytes * n) / total_bytes
+        plan[shape] = max(min(min_slots, n), min(n, int(share // shape.nbytes)))
+    return plan
+
+
+def block_shape(components: Sequence[tuple[str, str, Sequence[int]]]) -> BlockShape:
+    """Builds a BlockShape from (name, dtype, shape) triples."""
+    return BlockShape(tuple(Component(n, d, tuple(s)) for n, d, s in components))

@@ -1,0 +1,285 @@
+"""The expert runtime: maps a layer's routed experts to cache slots, reading misses through the readers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, wait
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from streamer.experts.expert_cache import BlockShape, Component, ExpertCache
+from streamer.experts.readers import Prefetcher
+from streamer.experts.store import ExpertReadTimeout, ExpertStore
+from streamer.storage.packed import PackedModel
+from streamer.storage.packed_format import LayerEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamStats:
+    """Totals since the runtime started (or the last ``reset``)."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    predicted: int = 0  # experts guessed for the next layer (predict mode)
+    predicted_right: int = 0  # ... that the next layer then routed to
+    stall_s: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class ExpertRuntime:
+    """Store + cache + prefetcher for one packed model; the graph-building thread calls it.
+
+    Args:
+        packed: the opened packed model.
+        cache_bytes: byte budget of the expert slots.
+        min_slots: the fewest slots a pool may have (the model's top-k).
+        io_mode: "buffered" or "direct".
+        threads: reader threads.
+        io_timeout_s: longest wait for one expert read before the step fails.
+    """
+
+    def __init__(
+        self,
+        packed: PackedModel,
+        cache_bytes: int,
+        min_slots: int,
+        io_mode: str = "buffered",
+        threads: int = 8,
+        io_timeout_s: float = 60.0,
+        prefetch: str = "parallel",
+        fault=None,
+    ):
+        self.packed = packed
+        self.prefetch_mode = prefetch
+        self.min_slots = min_slots
+        layers = packed.manifest.layers
+        shapes = {e.layer: block_shape_of(e) for e in layers}
+        self.cache = ExpertCache(shapes, {e.layer: e.num_experts for e in layers}, cache_bytes, min_slots)
+        self.store = ExpertStore(packed, io_mode, fault=fault)
+        self.prefetcher = Prefetcher(self.store.read_block, threads)
+        self.io_timeout_s = io_timeout_s
+        self.stats = StreamStats()
+        self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
+        self._predicted: dict[int, set[int]] = {}  # layer -> experts guessed for it
+        self._orphans: list[tuple[int, int, int, Future]] = []  # (layer, expert, slot, read) abandoned
+        # Called as on_route(layer, ids [tokens, K]) for every routing decision (for --trace).
+        self.on_route = None
+
+    def layer_entry(self, layer: int) -> LayerEntry:
+        return self.packed.manifest.layers[layer]
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> dict[int, int]:
+        """Pins a slot holding each of ``experts``, reading misses in parallel; returns expert -> slot."""
+        slots, pending = self.begin(layer, experts)
+        self.finish(layer, slots, pending)
+        return slots
+
+    def begin(self, layer: int, experts: Sequence[int]) -> tuple[dict[int, int], list]:
+        """Pins hits and starts reading misses; returns (expert -> slot, pending reads for ``finish``).
+
+        The caller may compute with the hits' slots before calling ``finish``.
+        """
+        self._reclaim()
+        self._score_prediction(layer, experts)
+        self._settle_prefetched(layer, keep=set(experts))
+        slots: dict[int, int] = {}
+        pending: list[tuple[int, int, Future]] = []
+        pool = self.cache.pool(layer)
+        try:
+            # Hits first: pinned before any miss allocates, so a miss never evicts an expert this step uses.
+            misses = []
+            for e in experts:
+                if (layer, e) in self._prefetched:
+                    slot, fut = self._prefetched.pop((layer, e))  # already pinned by prefetch()
+                    pending.append((e, slot, fut))
+                    self.stats.prefetch_used += 1
+                    self.stats.misses += 1
+                    slots[e] = slot
+                elif (slot := self.cache.lookup(layer, e)) is not None:
+                    self.cache.pin(layer, [slot])
+                    self.stats.hits += 1
+                    slots[e] = slot
+                else:
+                    misses.append(e)
+            for e in misses:
+                self._check_not_stuck(layer, e)
+                slot = self.cache.allocate(layer, e)
+                pending.append((e, slot, self._read(layer, e, pool.buffers(slot))))
+                self.stats.misses += 1
+                slots[e] = slot
+        except BaseException as e:
+            self._abandon(layer, slots, pending, stalled=isinstance(e, ExpertReadTimeout))
+            raise
+        return slots, pending
+
+    def finish(self, layer: int, slots: dict[int, int], pending: list) -> None:
+        """Waits for the reads ``begin`` started; on failure every slot of the step is released (and
+        ``slots`` emptied, so that a ``release`` of it afterwards is a no-op)."""
+        try:
+            self._wait(layer, pending)
+        except BaseException as e:
+            self._abandon(layer, slots, pending, stalled=isinstance(e, ExpertReadTimeout))
+            slots.clear()  # all released: the caller's release() in its finally must not unpin them again
+            raise
+
+    def _read(self, layer: int, expert: int, buffers: list) -> Future:
+        fut = self.prefetcher.submit(layer, expert, buffers)
+        if self.prefetch_mode == "off":
+            # "off": each read is waited for before the next starts (the simple reference path); it
+            # still runs on a reader thread so that the wait has a timeout.
+            start = time.perf_counter()
+            wait([fut], timeout=self.io_timeout_s)
+            self.stats.stall_s += time.perf_counter() - start
+        return fut
+
+    def _wait(self, layer: int, pending: list[tuple[int, int, Future]]) -> None:
+        start = time.perf_counter()
+        timeout = 0 if self.prefetch_mode == "off" else self.io_timeout_s  # "off" waited in _read
+        for e, slot, fut in pending:
+            try:
+                fut.result(timeout=timeout)
+            except FutureTimeout:
+                raise ExpertReadTimeout(
+                    f"{self.packed.path / self.layer_entry(layer).file}: reading layer {layer} expert {e} "
+                    f"took longer than {self.io_timeout_s:g} s (--io-timeout); is the disk still attached?"
+                ) from None
+            self.cache.commit(layer, e, slot)
+        self.stats.stall_s += time.perf_counter() - start
+
+    def _abandon(
+        self, layer: int, slots: dict[int, int], pending: list[tuple[int, int, Future]], stalled: bool = False
+    ) -> None:
+        """Undoes a failed acquire: slots of failed reads are freed, hits and finished reads unpinned.
+
+        Reads still running are waited for (up to the I/O timeout) unless the disk has stalled; one
+        still running after that keeps its slot until it ends (``_free_when_done``).
+        """
+        reads = {e: fut for e, _, fut in pending}
+        running = [fut for fut in reads.values() if not fut.done()]
+        if running and not stalled:
+            wait(running, timeout=self.io_timeout_s)
+        for e, slot in slots.items():
+            fut = reads.get(e)
+            if fut is None or (fut.done() and not fut.cancelled() and fut.exception() is None):
+                if (layer, e) not in self.cache:
+                    self.cache.commit(layer, e, slot)
+                self.cache.unpin(layer, [slot])
+            else:
+                self._free_when_done(layer, e, slot, fut)
+
+    def _free_when_done(self, layer: int, expert: int, slot: int, fut: Future | None) -> None:
+        """Frees a slot whose read failed or was abandoned; a read still running keeps it pinned until
+        it ends (``_reclaim``), so a late read never writes into a slot that holds another expert."""
+        if fut is not None and not fut.done():
+            self._orphans.append((layer, expert, slot, fut))
+            return
+        self.cache.abort(layer, slot)
+
+    def _reclaim(self) -> None:
+        """Frees the slots of abandoned reads that have since ended."""
+        if self._orphans:
+            ended = [o for o in self._orphans if o[3].done()]
+            self._orphans = [o for o in self._orphans if not o[3].done()]
+            for layer, _, slot, _ in ended:
+                self.cache.abort(layer, slot)
+
+    def _check_not_stuck(self, layer: int, expert: int) -> None:
+        # A new read of an expert whose abandoned read still runs would be merged with it (Prefetcher).
+        if any(o[0] == layer and o[1] == expert for o in self._orphans):
+            raise ExpertReadTimeout(
+                f"{self.packed.path / self.layer_entry(layer).file}: an earlier read of layer {layer} "
+                f"expert {expert} has not returned after {self.io_timeout_s:g} s (--io-timeout); "
+                "is the disk still attached?"
+            )
+
+    def release(self, layer: int, slots: dict[int, int]) -> None:
+        self.cache.unpin(layer, slots.values())
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Starts reading ``experts`` of ``layer`` ahead of need, in free or evictable slots only."""
+        pool = self.cache.pool(layer)
+        for e in experts:
+            key = (layer, e)
+            if key in self._prefetched or key in self.cache or any(o[:2] == key for o in self._orphans):
+                continue
+            free_slots = pool.slots - self.cache.pinned_count_in(layer)
+            if free_slots <= self.cache_min_free(layer):
+                return
+            slot = self.cache.allocate(layer, e)
+            self._prefetched[key] = (slot, self.prefetcher.submit(layer, e, pool.buffers(slot)))
+            self.stats.prefetch_issued += 1
+
+    def predict(self, layer: int, experts: Sequence[int]) -> None:
+        """Records a guess of ``layer``'s experts (scored when it routes) and prefetches it."""
+        self._predicted[layer] = set(experts)
+        self.prefetch(layer, experts)
+
+    def _score_prediction(self, layer: int, experts: Sequence[int]) -> None:
+        guess = self._predicted.pop(layer, None)
+        if guess is not None:
+            self.stats.predicted += len(guess)
+            self.stats.predicted_right += len(guess & set(experts))
+
+    def cache_min_free(self, layer: int) -> int:
+        # Keep room for the layer's own top-k: prefetch must never starve the step it runs ahead of.
+        return self.min_slots
+
+    def _settle_prefetched(self, layer: int, keep: set[int]) -> None:
+        """Commits this layer's finished prefetches that the step does not need and unpins them."""
+        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in keep]:
+            slot, fut = self._prefetched.pop(key)
+            try:
+                fut.result(timeout=self.io_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a failed guess costs nothing but its slot
+                log.warning("prefetch of layer %d expert %d failed: %s", layer, key[1], e or "timed out")
+                self._free_when_done(layer, key[1], slot, fut)
+                continue
+            self.cache.commit(layer, key[1], slot)
+            self.cache.unpin(layer, [slot])
+
+    def preload(self) -> int:
+        """Reads experts into the cache, layer by layer, until it is full; returns experts loaded."""
+        loaded = 0
+        for entry in self.packed.manifest.layers:
+            room = self.cache.pool(entry.layer).slots - self.cache.used_slots(entry.layer)
+            todo = [e for e in range(entry.num_experts) if (entry.layer, e) not in self.cache][:room]
+            for start in range(0, len(todo), self.min_slots):
+                slots = self.acquire(entry.layer, todo[start : start + self.min_slots])
+                self.release(entry.layer, slots)
+                loaded += len(slots)
+        self.stats.reset()  # preloading is set-up, not traffic of the run
+        return loaded
+
+    def close(self) -> None:
+        self._reclaim()
+        if self._orphans:  # a stuck read: do not wait for it, and leave its file open under it
+            log.warning("%d expert read(s) never returned; closing without them", len(self._orphans))
+            self.prefetcher.close(wait=False)
+            return
+        self.prefetcher.close()
+        self.store.close()
+
+    def snapshot_stats(self) -> dict:
+        return {
+            "cache_hits": self.stats.hits,
+            "cache_misses": self.stats.misses,
+            "bytes_read": self.prefetcher.bytes_read,
+            "stall_s": self.stats.stall_s,
+            "prefetch_issued": self.stats.prefetch_issued,
+            "prefetch_used": self.stats.prefetch_used,
+            "predicted": self.stats.predicted,
+            "predicted_right": self.stats.predicted_right,
+            "cache_bytes": self.cache.capacity_bytes,
+        }
+
+
+def block_shape_of(entry: LayerEntry) -> BlockShape:
+    return BlockShape(tuple(Component(c.name, c.dtype, tuple(c.shape)) for c in entry.components))

@@ -1,0 +1,168 @@
+"""Load a model ready to generate: a packed model with streamed experts, or a checkpoint held resident.
+
+``Engine`` bundles what every front end (generate, chat, serve, bench) needs: the model, its tokenizer,
+the expert runtime (None when resident) and a ``stats()`` snapshot for telemetry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from streamer.errors import CheckpointError, PackedFormatError
+from streamer.experts.budget import _cache_budget
+from streamer.experts.runtime import ExpertRuntime
+from streamer.experts.streamed import StreamedExperts
+from streamer.models.args import ModelArgs
+from streamer.models.load import _resolve_dtype, assign_weights, load_model, quantize_modules
+from streamer.models.quantization import QuantSpec
+from streamer.models.qwen3_5_moe import Model
+from streamer.settings import RuntimeConfig
+from streamer.storage.packed import PackedModel, open_packed, repair_hint
+from streamer.storage.packed_format import MANIFEST_FILE
+from streamer.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    model: Model
+    args: ModelArgs
+    tokenizer: Tokenizer
+    path: Path
+    runtime: ExpertRuntime | None = None
+
+    def stats(self) -> dict:
+        return self.runtime.snapshot_stats() if self.runtime else {}
+
+    def close(self) -> None:
+        if self.runtime:
+            self.runtime.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_packed(path: Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def load_engine(path: str | Path, config: RuntimeConfig | None = None, *, resident: bool = False) -> Engine:
+    """Loads a packed model (streamed experts) or, with ``resident``, a source checkpoint fully in memory.
+
+    Raises:
+        CheckpointError: a source checkpoint given without ``resident`` (it must be repacked first).
+    """
+    path = Path(path)
+    config = config or RuntimeConfig()
+    if is_packed(path):
+        return load_streamed(path, config)
+    if not resident:
+        raise CheckpointError(
+            f"{path} is a checkpoint, not a packed model: run `streamer repack {path}` first "
+            "(or pass --resident to hold every expert in memory)"
+        )
+    model, args = load_model(path, config.dtype)
+    return Engine(model, args, Tokenizer(path), path)
+
+
+def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
+    """Builds the model from a packed directory: resident weights loaded, experts behind the cache."""
+    packed = open_packed(path)
+    raw_config = read_config(packed)
+    args = ModelArgs.from_dict(raw_config, source=str(path / "config.json"))
+    check_matches_config(packed, args)
+    model = Model(args, dtype=_resolve_dtype(config.dtype))
+    runtime = ExpertRuntime(
+        packed,
+        cache_bytes=_cache_budget(packed, args, config),
+        min_slots=args.num_experts_per_tok,
+        io_mode=config.io_mode,
+        threads=config.threads,
+        io_timeout_s=config.io_timeout_s,
+        prefetch=config.prefetch,
+    )
+    try:
+        layers = model.layers
+        for i, layer in enumerate(layers):
+            # The next layer's router, looked up at call time (quantization replaces the module).
+            predictor = (lambda x, mlp=layers[i + 1].mlp: mlp.gate(x)) if i + 1 < len(layers) else None
+            layer.mlp.replace_experts(StreamedExperts(runtime, i, predictor, args.num_experts_per_tok))
+        weights = packed.load_resident()
+        spec = QuantSpec.from_config(raw_config, {n: tuple(w.shape) for n, w in weights.items()})
+        quantize_modules(model, spec)
+        assign_weights(model, weights, model.dtype, source=path)
+        mx.eval(model.parameters())
+    except BaseException:
+        runtime.close()
+        raise
+    _wire_memory(packed.manifest.resident_bytes + runtime.cache.capacity_bytes)
+    log.info(
+        "expert cache: %.2f GB of %.2f GB experts",
+        runtime.cache.capacity_bytes / 1e9,
+        packed.manifest.expert_bytes / 1e9,
+    )
+    return Engine(model, args, Tokenizer(path), path, runtime)
+
+
+def check_matches_config(packed: PackedModel, args: ModelArgs) -> None:
+    """The manifest's expert layers must be the ones config.json describes (same model, same shapes).
+
+    Raises:
+        PackedFormatError: naming the manifest, the layer and what differs.
+    """
+    where = packed.path / MANIFEST_FILE
+    fix = "the directory mixes files of different models; repack the checkpoint into a new directory"
+    layers = packed.manifest.layers
+    if len(layers) != args.num_hidden_layers:
+        raise PackedFormatError(
+            f"{where}: {len(layers)} expert layers, config.json says num_hidden_layers="
+            f"{args.num_hidden_layers}; {fix}"
+        )
+    H, I = args.hidden_size, args.moe_intermediate_size
+    for entry in layers:
+        for name, rows in (("gate_proj", I), ("up_proj", I), ("down_proj", H)):
+            try:
+                shape = entry.component(f"{name}.weight").shape
+            except KeyError:
+                raise PackedFormatError(f"{where}: layer {entry.layer} has no {name}.weight; {fix}") from None
+            if not shape or shape[0] != rows:
+                raise PackedFormatError(
+                    f"{where}: layer {entry.layer} {name}.weight is {list(shape)} per expert, config.json "
+                    f"implies [{rows}, ...] (hidden_size {H}, moe_intermediate_size {I}); {fix}"
+                )
+        if entry.num_experts < args.num_experts_per_tok:
+            raise PackedFormatError(
+                f"{where}: layer {entry.layer} has {entry.num_experts} experts, fewer than "
+                f"num_experts_per_tok={args.num_experts_per_tok} in config.json; {fix}"
+            )
+
+
+def read_config(packed: PackedModel) -> dict:
+    """config.json of a packed model, parsed (``open_packed`` checked its size, not its bytes)."""
+    file = packed.path / "config.json"
+    try:
+        return json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        hint = repair_hint(packed.path, packed.manifest, file)
+        raise PackedFormatError(f"{file}: not valid JSON ({e}); {hint}") from None
+
+
+def _wire_memory(nbytes: int) -> None:
+    """On Apple GPUs, keep resident weights and the expert cache wired (not paged out under pressure).
+
+    Capped below the device's recommended working set so the OS page cache keeps room (flash-moe saw
+    wired memory squeeze the page cache into compressor thrash). A no-op on other backends.
+    """
+    if not (hasattr(mx, "metal") and mx.metal.is_available()):
+        return
+    limit = int(mx.metal.device_info().get("max_recommended_working_set_size", 0) * 0.9)  # pragma: no cover
+    mx.set_wired_limit(min(nbytes, limit) if limit else nbytes)  # pragma: no cover

@@ -1,0 +1,349 @@
+"""What the OpenAI and Anthropic front ends share: settings, typed request fields, prompt rendering,
+the context-length check, and running a job while watching the client.
+
+Each API module turns its request JSON into a ``Job`` with these helpers and shapes the worker's
+events into its own response format; ``ApiError`` carries a 4xx/5xx status and a message that each
+API renders in its own error JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import jinja2
+
+from streamer.errors import ConfigError
+from streamer.generation.sampling import SamplingParams, default_sampling_params
+from streamer.serve.tool_calls import Delta, OutputParser
+from streamer.serve.worker import Failed, Finished, GenerationWorker, Job, Piece
+
+# Request sampling fields that may override the server's defaults: field name -> (type, low, high).
+SAMPLING_FIELDS = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "top_k": (int, -1, None),
+    "min_p": (float, 0.0, 1.0),
+    "presence_penalty": (float, -2.0, 2.0),
+    "repetition_penalty": (float, 0.0, None),
+    "seed": (int, 0, 2**64 - 1),
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses; each API renders it in its own error JSON."""
+
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+@dataclass
+class ServeSettings:
+    """Server-wide behaviour, filled from ``streamer serve`` flags."""
+
+    model_names: tuple[str, ...]  # the first is the id /v1/models lists
+    context_length: int
+    accept_any_model: bool = False
+    default_max_tokens: int = 4096
+    thinking: bool = True
+    sampling_overrides: dict = field(default_factory=dict)  # SamplingParams fields set by flags
+    api_key: str | None = None
+    generation_config: dict = field(default_factory=dict)
+    heartbeat_s: float = 10.0  # a stream idle this long (queued, long prefill) gets a keep-alive
+
+    @property
+    def model_id(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, name) -> str:
+        """The model name to echo back; unknown names are a 404 unless any name is accepted."""
+        if name is None:
+            return self.model_id
+        if not isinstance(name, str):
+            raise ApiError(400, f"model must be a string, got {type(name).__name__}", param="model")
+        if name in self.model_names or self.accept_any_model:
+            return name
+        raise ApiError(
+            404,
+            f"model {name!r} is not served here; this server runs {self.model_id!r} "
+            "(or start it with --any-model to accept every name)",
+            kind="not_found_error",
+            param="model",
+        )
+
+    def sampling(self, thinking: bool, request: dict) -> SamplingParams:
+        """The model's defaults for the mode, then the server's flags, then the request's own values."""
+        base = default_sampling_params(self.generation_config, thinking)
+        values = {**self.sampling_overrides, **request}
+        if values.get("top_k") == -1:
+            values["top_k"] = 0
+        try:
+            return dataclasses.replace(base, **values)
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+
+
+class Fields:
+    """Typed access to a JSON request body: every wrong type or range is a 400 naming the field."""
+
+    def __init__(self, body):
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+        self.body = body
+
+    def get(self, name: str, types: type | tuple, default=None, required: bool = False):
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                raise ApiError(400, f"{name} is required", param=name)
+            return default
+        bad_bool = isinstance(value, bool) and bool not in _as_tuple(types)  # True is an int in Python
+        if bad_bool or not isinstance(value, types):
+            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in _as_tuple(types))
+            raise ApiError(400, f"{name} must be {names}, got {_json_type(value)}", param=name)
+        return value
+
+    def number(self, name: str, low: float | None = None, high: float | None = None, integer: bool = False):
+        value = self.get(name, int if integer else (int, float))
+        if value is None:
+            return None
+        finite = not isinstance(value, float) or math.isfinite(value)  # JSON allows NaN and 1e999
+        if not finite or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise ApiError(400, f"{name} must be in {bounds}, got {value}", param=name)
+        return value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        return self.get(name, bool, default)
+
+    def stop_list(self, name: str) -> list[str]:
+        value = self.get(name, (str, list), [])
+        stops = [value] if isinstance(value, str) else value
+        if not all(isinstance(s, str) for s in stops) or len(stops) > 16:
+            raise ApiError(400, f"{name} must be a string or a list of at most 16 strings", param=name)
+        return [s for s in stops if s]
+
+    def sampling_values(self) -> dict:
+        """The request's sampling fields that are present, checked."""
+        out = {}
+        for name, (kind, low, high) in SAMPLING_FIELDS.items():
+            value = self.number(name, low, high, integer=kind is int)
+            if value is not None:
+                out[name] = kind(value)
+        return out
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _as_tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _json_type(value) -> str:
+    return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    boundary: int | None  # ids[:boundary] is the conversation so far: worth a snapshot
+    thinking: bool  # the answer starts inside a <think> block
+
+
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None, thinking: bool) -> Prompt:
+    """The prompt ids for template-form messages, with the snapshot boundary before the new answer.
+
+    A final assistant message is a prefill: the answer continues its text (with thinking off).
+    """
+    continuing = messages and messages[-1].get("role") == "assistant"
+    try:
+        if continuing:
+            prefix = messages[-1].get("content") or ""
+            head = tokenizer.apply_chat_template(messages[:-1], tools=tools, enable_thinking=False)
+            history, full, thinking = None, head + prefix, False
+        else:
+            kwargs = {"tools": tools, "enable_thinking": thinking}
+            history = tokenizer.apply_chat_template(messages, add_generation_prompt=False, **kwargs)
+            full = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except (jinja2.TemplateError, TypeError, ValueError) as e:
+        raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    if history is None or not full.startswith(history):
+        return Prompt(tokenizer.encode(full), None, thinking)
+    # The generation prompt starts with a special token, so encoding the two parts apart is exact.
+    head_ids = tokenizer.encode(history)
+    return Prompt(head_ids + tokenizer.encode(full[len(history) :]), len(head_ids), thinking)
+
+
+def completion_budget(settings: ServeSettings, prompt_tokens: int, requested: int | None, param: str) -> int:
+    """max_tokens for a request: what it asked for, or the server default, within the context length."""
+    room = settings.context_length - prompt_tokens
+    if requested is None:
+        if room < 1:
+            raise _too_long(settings, prompt_tokens, 1, param)
+        return min(settings.default_max_tokens, room)
+    if requested > room:
+        raise _too_long(settings, prompt_tokens, requested, param)
+    return requested
+
+
+def _too_long(settings: ServeSettings, prompt_tokens: int, completion: int, param: str) -> ApiError:
+    return ApiError(
+        400,
+        f"this model's maximum context length is {settings.context_length} tokens, but the request "
+        f"needs {prompt_tokens + completion} ({prompt_tokens} in the prompt, {completion} for the "
+        f"completion); shorten the prompt or lower {param}",
+        param=param,
+    )
+
+
+def make_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+ClientGone = Callable[[], bool]
+
+
+class Heartbeat:
+    """Nothing new for a while (queued, or a long prefill): streams send a keep-alive."""
+
+
+HEARTBEAT = Heartbeat()
+
+
+def run_job(ctx: ApiContext, job: Job, poll_s: float = 0.2) -> Iterator:
+    """Submits ``job`` and yields its ``Piece`` / ``Finished`` events, and ``HEARTBEAT`` when idle.
+
+    Cancels the job when the client disconnects (checked every ``poll_s`` while waiting) or when the
+    consumer stops early (a failed write closes this generator). A worker failure raises ApiError 500.
+    """
+    client_gone, heartbeat_s = ctx.client_gone, ctx.settings.heartbeat_s
+    ctx.worker.submit(job)
+    finished = False
+    checked = last_event = time.monotonic()
+    try:
+        while True:
+            try:
+                event = job.events.get(timeout=poll_s)
+                last_event = time.monotonic()
+            except queue.Empty:
+                event = None
+            if time.monotonic() - checked >= poll_s:
+                checked = time.monotonic()
+                if client_gone():
+                    return
+            if event is None:
+                if time.monotonic() - last_event >= heartbeat_s:
+                    last_event = time.monotonic()
+                    yield HEARTBEAT
+                continue
+            if isinstance(event, Failed):
+                finished = True
+                raise ApiError(500, event.message, kind="server_error")
+            finished = isinstance(event, Finished)
+            yield event
+            if finished:
+                return
+    finally:
+        if not finished:
+            job.cancelled.set()
+
+
+def answer_events(
+    events: Iterator, parser: OutputParser | None, memory: ReasoningMemory | None = None
+) -> Iterator[Delta | Finished | Heartbeat]:
+    """Worker events as answer deltas (reasoning / content / tool calls), then the Finished event.
+
+    The reasoning before each tool call goes into ``memory``, keyed by the call's id.
+    """
+    reasoning = []
+    for event in events:
+        if isinstance(event, Heartbeat):
+            yield event
+            continue
+        if isinstance(event, Piece):
+            deltas = parser.feed(event.text) if parser else [Delta("content", event.text)]
+        else:
+            deltas = [*(parser.finish() if parser else []), event]
+        for delta in deltas:
+            if isinstance(delta, Delta) and delta.kind == "reasoning":
+                reasoning.append(delta.text)
+            elif isinstance(delta, Delta) and delta.kind == "tool_call" and memory and reasoning:
+                memory.remember(delta.call.id, "".join(reasoning))
+            yield delta
+
+
+class ReasoningMemory:
+    """The reasoning this server wrote before its tool calls, by call id, for clients that drop it.
+
+    Qwen3.5's template shows the model its reasoning for the turns since the last user message, but
+    OpenAI clients do not send ``reasoning_content`` back. Putting it back keeps the model's plan in
+    front of it during a tool loop, and makes the prompt match the snapshot taken at the answer's end.
+    """
+
+    def __init__(self, max_entries: int = 1024):
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def remember(self, call_id: str, reasoning: str) -> None:
+        with self._lock:
+            self._items[_call_key(call_id)] = reasoning
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+
+    def fill(self, messages: list[dict]) -> None:
+        """Adds the remembered reasoning to assistant messages with tool calls that come without any."""
+        for m in messages:
+            if m["role"] != "assistant" or m.get("reasoning_content") or not m.get("tool_calls"):
+                continue
+            with self._lock:
+                found = [self._items.get(_call_key(c.get("id"))) for c in m["tool_calls"]]
+            if any(found):
+                m["reasoning_content"] = next(r for r in found if r)
+
+
+def _call_key(call_id) -> str:
+    # The same call is "call_X" to OpenAI clients and "toolu_X" to Anthropic ones.
+    return str(call_id).removeprefix("toolu_").removeprefix("call_")
+
+
+@dataclass
+class JsonResponse:
+    body: dict
+    status: int = 200
+
+
+@dataclass
+class EventStream:
+    """A server-sent event stream: (event name or None, data text) pairs; data None is a keep-alive."""
+
+    events: Iterator[tuple[str | None, str | None]]
+
+
+@dataclass
+class ApiContext:
+    """What a request handler needs: settings, the tokenizer, the worker, and a disconnect probe."""
+
+    settings: ServeSettings
+    tokenizer: object
+    worker: GenerationWorker
+    client_gone: ClientGone = lambda: False
+    memory: ReasoningMemory = field(default_factory=ReasoningMemory)

@@ -1,0 +1,305 @@
+"""The OpenAI API: /v1/chat/completions, /v1/completions and /v1/models, streaming or not.
+
+Reasoning comes back as ``reasoning_content`` (message and deltas), Qwen3.5 tool calls as
+``tool_calls`` with JSON-string arguments, and ``usage.prompt_tokens_details.cached_tokens`` counts the
+prompt tokens a prefix snapshot saved from prefill. Extensions: ``top_k``, ``min_p``,
+``repetition_penalty``, ``ignore_eos`` and ``chat_template_kwargs.enable_thinking``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from streamer.serve.api import (
+    ApiContext,
+    ApiError,
+    EventStream,
+    Fields,
+    Heartbeat,
+    JsonResponse,
+    answer_events,
+    completion_budget,
+    make_id,
+    render_chat,
+    run_job,
+)
+from streamer.serve.tool_calls import OutputParser
+from streamer.serve.worker import Finished, Job
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def error_body(e: ApiError) -> dict:
+    code = "model_not_found" if e.kind == "not_found_error" and e.param == "model" else None
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": code}}
+
+
+def list_models(ctx: ApiContext, created: int) -> JsonResponse:
+    names = ctx.settings.model_names
+    data = [{"id": n, "object": "model", "created": created, "owned_by": "streamer"} for n in names]
+    return JsonResponse({"object": "list", "data": data})
+
+
+def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
+    """Handles POST /v1/chat/completions; None when the client went away before the answer."""
+    f = Fields(body)
+    model = ctx.settings.check_model(body.get("model"))
+    if f.number("n", 1, 1, integer=True) not in (None, 1):
+        raise ApiError(400, "n > 1 is not supported", param="n")
+    if f.get("logprobs", bool, False):
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    messages = [_template_message(m, i) for i, m in enumerate(f.get("messages", list, required=True))]
+    if not messages:
+        raise ApiError(400, "messages must not be empty", param="messages")
+    tools = _tools(f.get("tools", list))
+    if f.get("tool_choice", (str, dict), "auto") == "none":
+        tools = None
+    thinking = _thinking(f, ctx.settings.thinking)
+    ctx.memory.fill(messages)
+    prompt = render_chat(ctx.tokenizer, messages, tools, thinking)
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    budget = completion_budget(ctx.settings, len(prompt.ids), f.number(param, 1, integer=True), param)
+    include_usage = _include_usage(f)
+    cid = make_id("chatcmpl-")
+    job = Job(
+        prompt.ids,
+        budget,
+        ctx.settings.sampling(prompt.thinking, f.sampling_values()),
+        stop=f.stop_list("stop"),
+        snapshot_at=() if prompt.boundary is None else (prompt.boundary,),
+        ignore_eos=f.flag("ignore_eos"),
+        label=cid,
+    )
+    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
+    head = {"id": cid, "created": int(time.time()), "model": model}
+    if f.flag("stream"):
+        return EventStream(_chat_stream(head, events, include_usage))
+    return _chat_answer(head, events)
+
+
+def _chat_answer(head: dict, events) -> JsonResponse | None:
+    parts = {"reasoning": [], "content": [], "tool_call": []}
+    finished = None
+    for event in events:
+        if isinstance(event, Finished):
+            finished = event
+        elif not isinstance(event, Heartbeat):
+            parts[event.kind].append(event.call if event.kind == "tool_call" else event.text)
+    if finished is None:
+        return None
+    calls = parts["tool_call"]
+    message = {"role": "assistant", "content": "".join(parts["content"]) or (None if calls else "")}
+    if parts["reasoning"]:
+        message["reasoning_content"] = "".join(parts["reasoning"])
+    if calls:
+        message["tool_calls"] = [_tool_call_json(c) for c in calls]
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(finished, calls)}
+    body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage_json(finished)}
+    return JsonResponse(body)
+
+
+def _chat_stream(head: dict, events, include_usage: bool):
+    def chunk(delta: dict, finish_reason=None) -> tuple[None, str]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return None, json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    n_calls = 0
+    try:
+        for event in events:
+            if isinstance(event, Heartbeat):
+                yield None, None
+            elif isinstance(event, Finished):
+                yield chunk({}, _finish(event, n_calls))
+                if include_usage:
+                    body = {
+                        **head,
+                        "object": "chat.completion.chunk",
+                        "choices": [],
+                        "usage": usage_json(event),
+                    }
+                    yield None, json.dumps(body)
+            elif event.kind == "tool_call":
+                yield chunk({"tool_calls": [{"index": n_calls, **_tool_call_json(event.call)}]})
+                n_calls += 1
+            else:
+                yield chunk({"reasoning_content" if event.kind == "reasoning" else "content": event.text})
+    except ApiError as e:
+        yield None, json.dumps(error_body(e))
+    yield None, "[DONE]"
+
+
+def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
+    """Handles POST /v1/completions: a raw prompt (text or token ids) continued as is."""
+    f = Fields(body)
+    model = ctx.settings.check_model(body.get("model"))
+    if f.flag("echo"):
+        raise ApiError(400, "echo is not supported", param="echo")
+    if f.number("n", 1, 1, integer=True) not in (None, 1):
+        raise ApiError(400, "n > 1 is not supported", param="n")
+    ids = _prompt_ids(f.get("prompt", (str, list), required=True), ctx.tokenizer)
+    budget = completion_budget(ctx.settings, len(ids), f.number("max_tokens", 1, integer=True), "max_tokens")
+    include_usage = _include_usage(f)
+    cid = make_id("cmpl-")
+    job = Job(
+        ids,
+        budget,
+        ctx.settings.sampling(False, f.sampling_values()),
+        stop=f.stop_list("stop"),
+        # A snapshot before the last token lets the same prompt, sent again, skip all but one token.
+        snapshot_at=(len(ids) - 1,),
+        ignore_eos=f.flag("ignore_eos"),
+        label=cid,
+    )
+    events = answer_events(run_job(ctx, job), None)
+    head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model}
+    if f.flag("stream"):
+        return EventStream(_completion_stream(head, events, include_usage))
+    texts, finished = [], None
+    for event in events:
+        if isinstance(event, Finished):
+            finished = event
+        elif not isinstance(event, Heartbeat):
+            texts.append(event.text)
+    if finished is None:
+        return None
+    choice = {"index": 0, "text": "".join(texts), "logprobs": None, "finish_reason": _finish(finished, [])}
+    return JsonResponse({**head, "choices": [choice], "usage": usage_json(finished)})
+
+
+def _completion_stream(head: dict, events, include_usage: bool):
+    def chunk(text: str, finish_reason=None) -> tuple[None, str]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return None, json.dumps({**head, "choices": [choice]})
+
+    try:
+        for event in events:
+            if isinstance(event, Heartbeat):
+                yield None, None
+            elif isinstance(event, Finished):
+                yield chunk("", _finish(event, []))
+                if include_usage:
+                    yield None, json.dumps({**head, "choices": [], "usage": usage_json(event)})
+            else:
+                yield chunk(event.text)
+    except ApiError as e:
+        yield None, json.dumps(error_body(e))
+    yield None, "[DONE]"
+
+
+def usage_json(finished: Finished) -> dict:
+    u = finished.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def _finish(finished: Finished, calls) -> str:
+    if calls:
+        return "tool_calls"
+    return "length" if finished.reason == "length" else "stop"
+
+
+def _tool_call_json(call) -> dict:
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def _include_usage(f: Fields) -> bool:
+    options = Fields(f.get("stream_options", dict, {}))
+    return options.flag("include_usage")
+
+
+def _thinking(f: Fields, default: bool) -> bool:
+    kwargs = f.get("chat_template_kwargs", dict, {})
+    value = kwargs.get("enable_thinking", default)
+    if not isinstance(value, bool):
+        raise ApiError(
+            400, "chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs"
+        )
+    return value
+
+
+def _template_message(m, i: int) -> dict:
+    """One OpenAI message in the form the Qwen3.5 template reads (arguments as dicts, text content)."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
+        raise ApiError(400, f"{where} must be an object with role one of {', '.join(ROLES)}", param=where)
+    out = {"role": ROLES[m["role"]], "content": _text(m.get("content"), where)}
+    if out["role"] == "assistant":
+        if isinstance(reasoning := m.get("reasoning_content", m.get("reasoning")), str):
+            out["reasoning_content"] = reasoning
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise ApiError(400, f"{where}.tool_calls must be an array", param=where)
+            out["tool_calls"] = [_template_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    return out
+
+
+def _template_call(call, where: str) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(400, f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+    arguments = fn.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"{where}.function.arguments is not valid JSON: {e}", param=where) from None
+    if not isinstance(arguments, dict):
+        raise ApiError(400, f"{where}.function.arguments must be a JSON object", param=where)
+    return {
+        "id": call.get("id"),
+        "type": "function",
+        "function": {"name": fn["name"], "arguments": arguments},
+    }
+
+
+def _text(content, where: str) -> str:
+    """Message content as text: a string, null, or a list of text parts (other parts are refused)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or an array of parts", param=where)
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ApiError(400, f"{where}: content part {kind!r} is not supported (text only)", param=where)
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}: a text part needs a string 'text'", param=where)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _tools(tools: list | None) -> list[dict] | None:
+    if not tools:
+        return None
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(
+                400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name', ...}}}}", param="tools"
+            )
+    return tools
+
+
+def _prompt_ids(prompt, tokenizer) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = prompt
+        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+    else:
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a batch of one", param="prompt")
+    if not ids:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    return list(ids)

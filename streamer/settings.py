@@ -1,0 +1,46 @@
+"""How to run a model: every runtime CLI flag lands in ``RuntimeConfig`` 1:1, converted in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from streamer.errors import ConfigError
+
+IO_MODES = ("buffered", "direct")
+
+
+PREFETCH_MODES = ("off", "parallel", "predict")
+
+
+@dataclass
+class RuntimeConfig:
+    """How to run a model: expert cache size, I/O, prefetch, threads, compute dtype.
+
+    ``cache_bytes`` (``--cache-gb``) and ``cache_experts`` (``--cache-experts``) are alternatives;
+    with neither, ``default_cache_bytes`` derives the budget from the machine's RAM.
+    """
+
+    cache_bytes: int | None = None
+    cache_experts: int | None = None
+    io_mode: str = "buffered"
+    prefetch: str = "parallel"
+    threads: int = 8
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
+    io_timeout_s: float = 60.0  # --io-timeout: the longest wait for one expert read
+
+    def __post_init__(self):
+        if self.cache_bytes is not None and self.cache_experts is not None:
+            raise ConfigError("give --cache-gb or --cache-experts, not both")
+        if self.cache_bytes is not None and self.cache_bytes <= 0:
+            raise ConfigError(f"--cache-gb must be positive, got {self.cache_bytes / 1e9:g}")
+        if self.cache_experts is not None and self.cache_experts <= 0:
+            raise ConfigError(f"--cache-experts must be positive, got {self.cache_experts}")
+        if self.io_mode not in IO_MODES:
+            raise ConfigError(f"--io must be one of {', '.join(IO_MODES)}, got {self.io_mode!r}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ConfigError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if not (self.io_timeout_s > 0 and math.isfinite(self.io_timeout_s)):
+            raise ConfigError(f"--io-timeout must be a positive number of seconds, got {self.io_timeout_s}")

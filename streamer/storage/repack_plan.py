@@ -1,0 +1,130 @@
+"""What `streamer repack` will write, computed from the source checkpoint's headers alone (``--dry-run``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamer.errors import StreamerError
+from streamer.storage.checkpoint import KINDS, PROJECTIONS, Checkpoint, load_checkpoint
+from streamer.storage.packed_format import (
+    FORMAT_VERSION,
+    Component,
+    LayerEntry,
+    make_layer_entry,
+)
+from streamer.storage.paths import default_packed_dir, resolve_source
+from streamer.storage.safetensors_file import TensorInfo
+
+
+class DestinationError(StreamerError):
+    """DST cannot take this repack: it holds another model, is not a packed dir, or the disk is full."""
+
+
+@dataclass(frozen=True)
+class RepackPlan:
+    """What repack will write, computed from headers alone (``--dry-run`` prints it)."""
+
+    checkpoint: Checkpoint
+    source_name: str
+    fingerprint: str
+    dst: Path
+    resident: tuple[TensorInfo, ...]  # sorted by name, as they appear in resident.safetensors
+    resident_header: bytes
+    layers: tuple[LayerEntry, ...]  # without checksums
+    sources: tuple[tuple[TensorInfo, ...], ...]  # per layer, the stacked source tensor of each component
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self.resident_header) + sum(t.nbytes for t in self.resident)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(e.file_bytes for e in self.layers)
+
+    @property
+    def files_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.checkpoint.extra_files)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.expert_bytes
+
+    def source_record(self) -> dict:
+        ckpt = self.checkpoint
+        return {
+            "name": self.source_name,
+            "config_sha256": ckpt.config_sha256,
+            "fingerprint": self.fingerprint,
+        }
+
+    def plan_sha256(self) -> str:
+        layers = [
+            [e.layer, e.num_experts, e.block_bytes, [c.to_json() for c in e.components]] for e in self.layers
+        ]
+        doc = json.dumps([FORMAT_VERSION, self.resident_header.hex(), layers], sort_keys=True)
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def make_plan(source: str | os.PathLike, dst: str | os.PathLike | None = None) -> RepackPlan:
+    """Resolves and validates the source, and lays out the packed model.
+
+    Args:
+        source: checkpoint directory or hub id in the local Hugging Face cache.
+        dst: output directory; defaults to ``paths.default_packed_dir(source)``.
+
+    Raises:
+        CheckpointError: when the source is missing, incomplete or not a supported checkpoint.
+    """
+    path, name = resolve_source(source)
+    ckpt = load_checkpoint(path)
+    layers, sources = [], []
+    for i, E in enumerate(ckpt.num_experts):
+        comps, srcs = [], []
+        for proj_name in PROJECTIONS:
+            proj = ckpt.experts[i][proj_name]
+            q = proj.quant
+            for kind in KINDS:
+                t = proj.tensors.get(kind)
+                if t is None:
+                    continue
+                bits, gs, mode = (q.bits, q.group_size, q.mode) if q else (None, None, None)
+                comps.append(
+                    Component(
+                        f"{proj_name}.{kind}", t.name, t.dtype, t.shape[1:], 0, t.nbytes // E, bits, gs, mode
+                    )
+                )
+                srcs.append(t)
+        layers.append(make_layer_entry(i, E, comps))
+        sources.append(tuple(srcs))
+    resident = tuple(ckpt.resident_tensors())
+    return RepackPlan(
+        checkpoint=ckpt,
+        source_name=name,
+        fingerprint=ckpt.fingerprint(),
+        dst=Path(dst).expanduser() if dst is not None else default_packed_dir(source),
+        resident=resident,
+        resident_header=_resident_header(resident),
+        layers=tuple(layers),
+        sources=tuple(sources),
+    )
+
+
+def _resident_header(tensors: tuple[TensorInfo, ...]) -> bytes:
+    """A safetensors header as mx.save_safetensors writes it, space-padded to 8 bytes like the reference."""
+    header: dict = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw

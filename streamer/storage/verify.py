@@ -1,0 +1,117 @@
+"""Verification of a packed model: re-read every byte and compare checksums. Repack runs the same code on
+each layer it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from streamer.errors import PackedFormatError
+from streamer.storage.files import CHUNK_BYTES, Progress, crc32_file, read_into
+from streamer.storage.packed import _check_size, _read_resident_header, open_packed, repair_hint
+from streamer.storage.packed_format import RESIDENT_FILE, LayerEntry, Manifest, check_layer_header
+
+
+def verify_layer_file(file: Path, entry: LayerEntry, progress: Progress | None = None) -> None:
+    """Checks a layer file's size, header, every component's CRC-32 and that padding is zero.
+
+    Raises:
+        PackedFormatError: naming the file, layer, expert and component of the first mismatch.
+    """
+    import numpy as np
+
+    _check_size(file, entry.file_bytes)
+    B, where = entry.block_bytes, f"{file}: layer {entry.layer}"
+    per = max(1, min(CHUNK_BYTES // B, 256))
+    buf = bytearray(per * B)
+    mv, blocks = memoryview(buf), np.frombuffer(buf, np.uint8).reshape(per, B)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        check_layer_header(os.pread(fd, entry.data_offset, 0), entry, file)
+        for e0 in range(0, entry.num_experts, per):
+            n = min(per, entry.num_experts - e0)
+            if read_into(fd, [mv[: n * B]], entry.block_offset(e0)) != n * B:
+                raise PackedFormatError(f"{where}: short read at expert {e0} (file changed while reading?)")
+            bad_padding = np.zeros(n, bool)
+            for a, b in entry.padding():
+                bad_padding |= blocks[:n, a:b].any(axis=1)
+            for j in range(n):
+                for c, want in zip(entry.components, entry.crc32[e0 + j], strict=True):
+                    got = zlib.crc32(mv[j * B + c.offset : j * B + c.offset + c.nbytes])
+                    if got != want:
+                        raise PackedFormatError(
+                            f"{where} expert {e0 + j} component {c.name}: checksum mismatch "
+                            f"(manifest {want:08x}, file {got:08x})"
+                        )
+                if bad_padding[j]:
+                    raise PackedFormatError(f"{where} expert {e0 + j}: non-zero bytes in block padding")
+            if progress:
+                progress(n * B)
+    finally:
+        os.close(fd)
+
+
+def verify_resident_file(
+    file: Path, expected_bytes: int, crcs: dict[str, int], progress: Progress | None = None
+):
+    """Checks resident.safetensors: size, header, and each tensor's CRC-32 (naming the first bad one)."""
+    _check_size(file, expected_bytes)
+    tensors = _read_resident_header(file)
+    if set(tensors) != set(crcs):
+        diff = sorted(set(tensors) ^ set(crcs))
+        raise PackedFormatError(f"{file}: tensors differ from the manifest (e.g. '{diff[0]}')")
+    buf = memoryview(bytearray(CHUNK_BYTES))
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        for name in sorted(tensors, key=lambda n: tensors[n].offset):
+            t, crc, done = tensors[name], 0, 0
+            while done < t.nbytes:
+                n = min(len(buf), t.nbytes - done)
+                if read_into(fd, [buf[:n]], t.offset + done) != n:
+                    raise PackedFormatError(f"{file}: short read in tensor '{name}'")
+                crc = zlib.crc32(buf[:n], crc)
+                done += n
+                if progress:
+                    progress(n)
+            if crc != crcs[name]:
+                raise PackedFormatError(
+                    f"{file}: resident tensor '{name}': checksum mismatch (manifest {crcs[name]:08x}, "
+                    f"file {crc:08x})"
+                )
+    finally:
+        os.close(fd)
+
+
+def verify_packed(path: str | os.PathLike, progress: Progress | None = None) -> Manifest:
+    """Re-checks every checksum and bound of a packed model: copied files, resident tensors, experts.
+
+    Raises:
+        PackedFormatError: naming the first bad file / tensor / layer / expert / component.
+    """
+    model = open_packed(path)
+    path, m = model.path, model.manifest
+
+    def check(file: Path, verify_file: Callable[[], None]) -> None:
+        try:
+            verify_file()
+        except PackedFormatError as e:
+            raise PackedFormatError(f"{e}; {repair_hint(path, m, file)}") from None
+
+    for name, meta in m.files.items():
+        check(path / name, lambda name=name, meta=meta: _verify_copied_file(path / name, meta, progress))
+    check(
+        path / RESIDENT_FILE,
+        lambda: verify_resident_file(path / RESIDENT_FILE, m.resident_bytes, m.resident_crc32, progress),
+    )
+    for entry in m.layers:
+        check(path / entry.file, lambda entry=entry: verify_layer_file(path / entry.file, entry, progress))
+    return m
+
+
+def _verify_copied_file(file: Path, meta: dict, progress: Progress | None) -> None:
+    got = crc32_file(file, progress)
+    if got != meta["crc32"]:
+        raise PackedFormatError(f"{file}: checksum mismatch (manifest {meta['crc32']:08x}, file {got:08x})")
