@@ -1,4 +1,4 @@
-"""ExpertCache and Prefetcher, each alone: slot bookkeeping, budget, pinning, zero-copy fills, dedup."""
+"""ExpertCache and ReaderPool, each alone: slot bookkeeping, budget, pinning, zero-copy fills, dedup."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from streamer.errors import ConfigError
 from streamer.experts.expert_cache import CacheFullError, ExpertCache, block_shape, plan_slots
-from streamer.experts.readers import Prefetcher
+from streamer.experts.readers import ReaderPool
 
 H, I, G = 128, 64, 64  # hidden, expert inter, group size
 
@@ -132,7 +132,7 @@ def test_prefetcher_deduplicates_inflight_reads():
         return len(buffers[0])
 
     buf = bytearray(16)
-    with Prefetcher(read, threads=2) as pf:
+    with ReaderPool(read, threads=2) as pf:
         f1 = pf.submit(0, 3, [memoryview(buf)])
         f2 = pf.submit(0, 3, [memoryview(buf)])
         assert f1 is f2
@@ -153,6 +153,6 @@ def test_prefetcher_propagates_read_errors():
     def read(layer, expert, buffers):
         raise OSError(5, "Input/output error")
 
-    with Prefetcher(read, threads=1) as pf:
+    with ReaderPool(read, threads=1) as pf:
         with pytest.raises(OSError, match="Input/output"):
             pf.submit(1, 2, []).result(5)

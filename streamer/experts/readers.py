@@ -1,4 +1,6 @@
-"""Prefetcher: worker threads that read expert blocks into slot buffers. File I/O only, no MLX.
+"""ReaderPool: worker threads that read expert blocks into slot buffers. File I/O only, no MLX.
+
+It decides nothing: *what* to read and *when* is the runtime's (misses) and ``readahead``'s (guesses).
 
 Reads of the same (layer, expert) already in flight are not issued twice: the second request gets
 the first one's future. ``mx.eval`` releases the GIL, so reads run while the model computes.
@@ -15,7 +17,7 @@ Key = tuple[int, int]  # (layer, expert)
 ReadFn = Callable[[int, int, list], int]  # (layer, expert, buffers) -> bytes read
 
 
-class Prefetcher:
+class ReaderPool:
     """Runs ``read(layer, expert, buffers)`` on ``threads`` workers, one future per (layer, expert)."""
 
     def __init__(self, read: ReadFn, threads: int):
@@ -63,7 +65,7 @@ class Prefetcher:
         """Stops the workers; queued reads are cancelled, running ones finished (waited for if ``wait``)."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
-    def __enter__(self) -> Prefetcher:
+    def __enter__(self) -> ReaderPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,7 +10,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from streamer.experts.expert_cache import BlockShape, Component, ExpertCache
-from streamer.experts.readers import Prefetcher
+from streamer.experts.readahead import ReadAhead
+from streamer.experts.readers import ReaderPool
 from streamer.experts.store import ExpertReadTimeout, ExpertStore
 from streamer.storage.packed import PackedModel
 from streamer.storage.packed_format import LayerEntry
@@ -35,7 +36,7 @@ class StreamStats:
 
 
 class ExpertRuntime:
-    """Store + cache + prefetcher for one packed model; the graph-building thread calls it.
+    """Store + cache + readers for one packed model; the graph-building thread calls it.
 
     Args:
         packed: the opened packed model.
@@ -64,12 +65,11 @@ class ExpertRuntime:
         shapes = {e.layer: block_shape_of(e) for e in layers}
         self.cache = ExpertCache(shapes, {e.layer: e.num_experts for e in layers}, cache_bytes, min_slots)
         self.store = ExpertStore(packed, io_mode, fault=fault)
-        self.prefetcher = Prefetcher(self.store.read_block, threads)
+        self.readers = ReaderPool(self.store.read_block, threads)
         self.io_timeout_s = io_timeout_s
         self.stats = StreamStats()
-        self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
-        self._predicted: dict[int, set[int]] = {}  # layer -> experts guessed for it
         self._orphans: list[tuple[int, int, int, Future]] = []  # (layer, expert, slot, read) abandoned
+        self.readahead = ReadAhead(self, reserve_slots=min_slots)
         # Called as on_route(layer, ids [tokens, K]) for every routing decision (for --trace).
         self.on_route = None
 
@@ -88,8 +88,8 @@ class ExpertRuntime:
         The caller may compute with the hits' slots before calling ``finish``.
         """
         self._reclaim()
-        self._score_prediction(layer, experts)
-        self._settle_prefetched(layer, keep=set(experts))
+        self.readahead.score(layer, experts)
+        self.readahead.settle(layer, keep=set(experts))
         slots: dict[int, int] = {}
         pending: list[tuple[int, int, Future]] = []
         pool = self.cache.pool(layer)
@@ -97,10 +97,9 @@ class ExpertRuntime:
             # Hits first: pinned before any miss allocates, so a miss never evicts an expert this step uses.
             misses = []
             for e in experts:
-                if (layer, e) in self._prefetched:
-                    slot, fut = self._prefetched.pop((layer, e))  # already pinned by prefetch()
+                if (ahead := self.readahead.take(layer, e)) is not None:
+                    slot, fut = ahead  # read ahead: already pinned, maybe still reading
                     pending.append((e, slot, fut))
-                    self.stats.prefetch_used += 1
                     self.stats.misses += 1
                     slots[e] = slot
                 elif (slot := self.cache.lookup(layer, e)) is not None:
@@ -131,7 +130,7 @@ class ExpertRuntime:
             raise
 
     def _read(self, layer: int, expert: int, buffers: list) -> Future:
-        fut = self.prefetcher.submit(layer, expert, buffers)
+        fut = self.readers.submit(layer, expert, buffers)
         if self.prefetch_mode == "off":
             # "off": each read is waited for before the next starts (the simple reference path); it
             # still runs on a reader thread so that the wait has a timeout.
@@ -160,7 +159,7 @@ class ExpertRuntime:
         """Undoes a failed acquire: slots of failed reads are freed, hits and finished reads unpinned.
 
         Reads still running are waited for (up to the I/O timeout) unless the disk has stalled; one
-        still running after that keeps its slot until it ends (``_free_when_done``).
+        still running after that keeps its slot until it ends (``free_when_done``).
         """
         reads = {e: fut for e, _, fut in pending}
         running = [fut for fut in reads.values() if not fut.done()]
@@ -173,9 +172,13 @@ class ExpertRuntime:
                     self.cache.commit(layer, e, slot)
                 self.cache.unpin(layer, [slot])
             else:
-                self._free_when_done(layer, e, slot, fut)
+                self.free_when_done(layer, e, slot, fut)
 
-    def _free_when_done(self, layer: int, expert: int, slot: int, fut: Future | None) -> None:
+    def is_orphaned(self, layer: int, expert: int) -> bool:
+        """True while an abandoned read of (layer, expert) still runs."""
+        return any(o[0] == layer and o[1] == expert for o in self._orphans)
+
+    def free_when_done(self, layer: int, expert: int, slot: int, fut: Future | None) -> None:
         """Frees a slot whose read failed or was abandoned; a read still running keeps it pinned until
         it ends (``_reclaim``), so a late read never writes into a slot that holds another expert."""
         if fut is not None and not fut.done():
@@ -192,8 +195,8 @@ class ExpertRuntime:
                 self.cache.abort(layer, slot)
 
     def _check_not_stuck(self, layer: int, expert: int) -> None:
-        # A new read of an expert whose abandoned read still runs would be merged with it (Prefetcher).
-        if any(o[0] == layer and o[1] == expert for o in self._orphans):
+        # A new read of an expert whose abandoned read still runs would be merged with it (ReaderPool).
+        if self.is_orphaned(layer, expert):
             raise ExpertReadTimeout(
                 f"{self.packed.path / self.layer_entry(layer).file}: an earlier read of layer {layer} "
                 f"expert {expert} has not returned after {self.io_timeout_s:g} s (--io-timeout); "
@@ -205,45 +208,11 @@ class ExpertRuntime:
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         """Starts reading ``experts`` of ``layer`` ahead of need, in free or evictable slots only."""
-        pool = self.cache.pool(layer)
-        for e in experts:
-            key = (layer, e)
-            if key in self._prefetched or key in self.cache or any(o[:2] == key for o in self._orphans):
-                continue
-            free_slots = pool.slots - self.cache.pinned_count_in(layer)
-            if free_slots <= self.cache_min_free(layer):
-                return
-            slot = self.cache.allocate(layer, e)
-            self._prefetched[key] = (slot, self.prefetcher.submit(layer, e, pool.buffers(slot)))
-            self.stats.prefetch_issued += 1
+        self.readahead.start(layer, experts)
 
     def predict(self, layer: int, experts: Sequence[int]) -> None:
         """Records a guess of ``layer``'s experts (scored when it routes) and prefetches it."""
-        self._predicted[layer] = set(experts)
-        self.prefetch(layer, experts)
-
-    def _score_prediction(self, layer: int, experts: Sequence[int]) -> None:
-        guess = self._predicted.pop(layer, None)
-        if guess is not None:
-            self.stats.predicted += len(guess)
-            self.stats.predicted_right += len(guess & set(experts))
-
-    def cache_min_free(self, layer: int) -> int:
-        # Keep room for the layer's own top-k: prefetch must never starve the step it runs ahead of.
-        return self.min_slots
-
-    def _settle_prefetched(self, layer: int, keep: set[int]) -> None:
-        """Commits this layer's finished prefetches that the step does not need and unpins them."""
-        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in keep]:
-            slot, fut = self._prefetched.pop(key)
-            try:
-                fut.result(timeout=self.io_timeout_s)
-            except Exception as e:  # noqa: BLE001 - a failed guess costs nothing but its slot
-                log.warning("prefetch of layer %d expert %d failed: %s", layer, key[1], e or "timed out")
-                self._free_when_done(layer, key[1], slot, fut)
-                continue
-            self.cache.commit(layer, key[1], slot)
-            self.cache.unpin(layer, [slot])
+        self.readahead.guess(layer, experts)
 
     def preload(self) -> int:
         """Reads experts into the cache, layer by layer, until it is full; returns experts loaded."""
@@ -262,16 +231,16 @@ class ExpertRuntime:
         self._reclaim()
         if self._orphans:  # a stuck read: do not wait for it, and leave its file open under it
             log.warning("%d expert read(s) never returned; closing without them", len(self._orphans))
-            self.prefetcher.close(wait=False)
+            self.readers.close(wait=False)
             return
-        self.prefetcher.close()
+        self.readers.close()
         self.store.close()
 
     def snapshot_stats(self) -> dict:
         return {
             "cache_hits": self.stats.hits,
             "cache_misses": self.stats.misses,
-            "bytes_read": self.prefetcher.bytes_read,
+            "bytes_read": self.readers.bytes_read,
             "stall_s": self.stats.stall_s,
             "prefetch_issued": self.stats.prefetch_issued,
             "prefetch_used": self.stats.prefetch_used,

@@ -1,7 +1,7 @@
 """Streamed experts: the object the MoE block calls when experts live on the SSD.
 
 ``ExpertRuntime`` joins the pieces for one packed model — ExpertStore (bytes), ExpertCache (what stays),
-Prefetcher (when to read) — and ``StreamedExperts`` is one layer's ``experts(x, indices)``:
+ReaderPool (when to read) — and ``StreamedExperts`` is one layer's ``experts(x, indices)``:
 
 1. the router's top-k ids come to the host (this evaluates the graph up to the router);
 2. hits are pinned in their slots, misses get slots and are read in parallel;

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+
 from streamer.errors import StreamerError
 from streamer.generation.generate import GenerationResponse, prefill, stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler
@@ -185,6 +187,12 @@ class GenerationWorker:
 
     def _run(self) -> None:
         try:
+            self._load_and_serve()
+        finally:
+            release_mlx_thread_state()
+
+    def _load_and_serve(self) -> None:
+        try:
             self.engine = self._load()
         except BaseException as e:  # handed to start() on the caller's thread
             self._load_error = e
@@ -345,3 +353,15 @@ class _WithoutEos:
 
     def detokenizer(self, *args, **kwargs):
         return self._tokenizer.detokenizer(*args, **kwargs)
+
+
+def release_mlx_thread_state() -> None:
+    """Drops the calling thread's MLX state (its random key, streams, compile cache) while the GIL is held.
+
+    Call it last on any non-main thread that ran MLX. Otherwise MLX's thread_local random key is freed
+    by a C++ destructor after the thread's Python part ended (``Thread.join`` has already returned);
+    that destructor takes the GIL, and if the main thread is finalizing the interpreter meanwhile,
+    taking the GIL calls pthread_exit inside a noexcept destructor: "terminate called without an
+    active exception" and SIGABRT (Ctrl-C on `streamer serve`). With the key dropped it does nothing.
+    """
+    mx.clear_streams()
