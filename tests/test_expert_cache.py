@@ -58,7 +58,7 @@ def test_lru_evicts_least_recently_used():
     s = cache.allocate(0, 3)
     assert s == slots[1]
     assert (0, 1) not in cache and (0, 0) in cache and (0, 2) in cache
-    assert cache.stats.evictions == 1
+    assert cache.evictions == 1
 
 
 def test_pinned_slots_are_never_evicted():

@@ -83,8 +83,7 @@ def test_streamed_equals_resident(packed, resident_logits, preset, size):
     want = resident_logits(preset)
     args = ModelArgs.from_dict(json.loads((dst / "config.json").read_text()))
     if size == "min":
-        with open_packed(dst) as p:
-            config = RuntimeConfig(cache_bytes=minimum_cache_bytes(p, args))
+        config = RuntimeConfig(cache_bytes=minimum_cache_bytes(open_packed(dst), args))
     else:
         config = RuntimeConfig(cache_experts=_cache_experts(args, size))
     with load_engine(dst, config) as engine:

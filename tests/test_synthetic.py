@@ -163,7 +163,7 @@ def test_full_width_streams_expert_by_expert(tmp_path, monkeypatch):
         if p.experts:
             for s in tensor_specs(p, quant_params_for(p, preset.recipe), mx.bfloat16):
                 per_expert += int(np.prod(s.shape[1:])) * (4 if s.dtype == "U32" else 2)
-    assert per_expert == 7_077_888  # one Qwen3.5-397B 4-bit expert, DESIGN.md §1
+    assert per_expert == 7_077_888  # one Qwen3.5-397B 4-bit expert (formats/PACKED.md)
     assert checkpoint_bytes(preset) > 512 * per_expert
 
 

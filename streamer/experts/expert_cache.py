@@ -5,9 +5,10 @@ A *slot pool* holds one MLX array per block component (e.g. ``gate_proj.weight``
 (mixed-precision checkpoints get one pool per distinct block shape). An expert lives in one slot;
 ``mx.gather_qmm`` reads the pools with slot ids as ``rhs_indices``.
 
-Slots are filled by writing into the arrays' memory through zero-copy numpy views (see
-DESIGN.md §5). That is safe only while no unevaluated graph reads the slot: callers pin the slots a
-step uses and unpin them after evaluating it; eviction never picks a pinned slot.
+Slots are filled by writing into the arrays' memory through zero-copy numpy views
+(``np.array(mx_array, copy=False)`` is writable and shares the buffer). That is safe only while no
+unevaluated graph reads the slot: callers pin the slots a step uses and unpin them after evaluating
+it; eviction never picks a pinned slot.
 
 The cache is owned by the one thread that builds MLX graphs; I/O workers only fill buffers it hands out.
 
@@ -16,7 +17,6 @@ Names: S = slots in a pool, E = experts in a layer.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from streamer.errors import ConfigError
+from streamer.storage.safetensors_file import tensor_nbytes
 
 # Storage dtype per safetensors dtype: slots are written as raw integers of the same width and read
 # through ``.view`` as the real dtype (numpy cannot address bfloat16 memory directly).
@@ -36,7 +37,6 @@ _STORAGE = {
     "BF16": (mx.uint16, mx.bfloat16),
     "F16": (mx.uint16, mx.float16),
 }
-_ITEMSIZE = {"U32": 4, "U8": 1, "F32": 4, "BF16": 2, "F16": 2}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Component:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,6 @@ class SlotPool:
     def buffers(self, slot: int) -> list[memoryview]:
         """Byte buffers of ``slot``'s components in block order, for ``os.preadv``."""
         return [memoryview(self._views[c.name][slot]).cast("B") for c in self.shape.components]
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-
-    def snapshot(self) -> dict:
-        return {"cache_hits": self.hits, "cache_misses": self.misses, "evictions": self.evictions}
 
 
 @dataclass
@@ -129,7 +119,7 @@ class ExpertCache:
             for shape, n in self.slots_per_shape.items()
         }
         self._pins: Counter = Counter()  # (shape, slot) -> pin count
-        self.stats = CacheStats()
+        self.evictions = 0  # committed experts dropped to make room
 
     @property
     def capacity_bytes(self) -> int:
@@ -170,7 +160,7 @@ class ExpertCache:
                 if self._pins[(shape, slot)]:
                     skipped.append((key, slot))
                     continue
-                self.stats.evictions += 1
+                self.evictions += 1
                 return slot
             raise CacheFullError(
                 f"all {state.pool.slots} expert slots are in use by the current step; "

@@ -247,6 +247,7 @@ class ExpertRuntime:
             "predicted": self.stats.predicted,
             "predicted_right": self.stats.predicted_right,
             "cache_bytes": self.cache.capacity_bytes,
+            "evictions": self.cache.evictions,
         }
 
 

@@ -19,11 +19,11 @@ import threading
 from collections.abc import Callable, Sequence
 
 from streamer.errors import PackedFormatError, StreamerError
+from streamer.settings import IO_MODES
 from streamer.storage.files import read_into
 from streamer.storage.packed import PackedModel
 from streamer.storage.packed_format import LayerEntry
 
-IO_MODES = ("buffered", "direct")
 _DIRECT_ALIGN = 4096
 _F_NOCACHE = 48  # macOS fcntl command; not exposed by Python's fcntl module
 
@@ -72,9 +72,6 @@ class ExpertStore:
 
             fcntl.fcntl(fd, _F_NOCACHE, 1)
         return fd
-
-    def layout(self, layer: int) -> LayerEntry:
-        return self.packed.manifest.layers[layer]
 
     def read_block(self, layer: int, expert: int, buffers: Sequence[memoryview]) -> int:
         """Reads (layer, expert) into ``buffers``: one byte buffer per component, in block order.

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from streamer.errors import CheckpointError, PackedFormatError
-from streamer.storage.files import read_into
 from streamer.storage.packed_format import (
     MANIFEST_FILE,
     PROGRESS_FILE,
@@ -28,12 +27,12 @@ from streamer.storage.safetensors_file import TensorInfo, read_header
 
 
 class PackedModel:
-    """An opened packed directory: the manifest plus reads of expert blocks and resident tensors."""
+    """An opened packed directory: its checked manifest and the resident tensors. It holds no open files
+    (``ExpertStore`` opens the layer files it reads), so there is nothing to close."""
 
     def __init__(self, path: Path, manifest: Manifest):
         self.path = path
         self.manifest = manifest
-        self._fds: dict[int, int] = {}
 
     @property
     def num_layers(self) -> int:
@@ -41,23 +40,6 @@ class PackedModel:
 
     def layer(self, layer: int) -> LayerEntry:
         return self.manifest.layers[layer]
-
-    def read_expert(self, layer: int, expert: int, out: memoryview | None = None) -> memoryview:
-        """Reads one expert's block (``block_bytes``) into ``out`` (or a new buffer) and returns it."""
-        entry = self.manifest.layers[layer]
-        if not 0 <= expert < entry.num_experts:
-            raise IndexError(f"layer {layer} has {entry.num_experts} experts, asked for {expert}")
-        buf = (out if out is not None else memoryview(bytearray(entry.block_bytes)))[: entry.block_bytes]
-        if layer not in self._fds:
-            self._fds[layer] = os.open(self.path / entry.file, os.O_RDONLY)
-        if read_into(self._fds[layer], [buf], entry.block_offset(expert)) != entry.block_bytes:
-            raise PackedFormatError(f"{self.path / entry.file}: layer {layer} expert {expert}: short read")
-        return buf
-
-    def component_bytes(self, block: memoryview, layer: int, name: str) -> memoryview:
-        """The bytes of component ``name`` (e.g. ``up_proj.scales``) inside a block read by read_expert."""
-        c = self.manifest.layers[layer].component(name)
-        return block[c.offset : c.offset + c.nbytes]
 
     def resident_tensors(self) -> dict[str, TensorInfo]:
         """Where each resident tensor's bytes are in resident.safetensors (header read only)."""
@@ -68,17 +50,6 @@ class PackedModel:
         import mlx.core as mx
 
         return mx.load(str(self.path / RESIDENT_FILE))
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> PackedModel:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

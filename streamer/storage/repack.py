@@ -69,8 +69,8 @@ ProgressFn = Callable[[int, int], None]  # (bytes done, total bytes)
 
 
 class _Sources:
-    """The open source shards, read by a few threads at once: one stream per component keeps the SSD's
-    queue full (cold reads here: 1.8-1.9 GB/s with 4 threads vs 1.0-1.1 GB/s with one)."""
+    """The open source shards, read by a few threads at once: several streams keep the SSD's queue
+    full, which one sequential reader does not (benchmarks/bench_repack.py measures it)."""
 
     def __init__(self, paths) -> None:
         self._fds = {p: os.open(p, os.O_RDONLY) for p in sorted(set(paths))}

@@ -155,7 +155,6 @@ def measure_read_gbps(packed_dir: str | Path, seconds: float = 2.0, threads: int
     finally:
         for fd in fds.values():
             os.close(fd)
-        packed.close()
     return total / 1e9 / (time.perf_counter() - start), mode
 
 
