@@ -6,7 +6,6 @@ the expert runtime (None when resident) and a ``stats()`` snapshot for telemetry
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from streamer.errors import CheckpointError, PackedFormatError
 from streamer.experts.budget import _cache_budget
 from streamer.experts.runtime import ExpertRuntime
 from streamer.experts.streamed import StreamedExperts
-from streamer.models.args import ModelArgs
+from streamer.models.args import CONFIG_FILE, ModelArgs, read_config_file
 from streamer.models.load import _resolve_dtype, assign_weights, load_model, quantize_modules
 from streamer.models.quantization import QuantSpec
 from streamer.models.qwen3_5_moe import Model
@@ -148,12 +147,8 @@ def check_matches_config(packed: PackedModel, args: ModelArgs) -> None:
 
 def read_config(packed: PackedModel) -> dict:
     """config.json of a packed model, parsed (``open_packed`` checked its size, not its bytes)."""
-    file = packed.path / "config.json"
-    try:
-        return json.loads(file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        hint = repair_hint(packed.path, packed.manifest, file)
-        raise PackedFormatError(f"{file}: not valid JSON ({e}); {hint}") from None
+    hint = repair_hint(packed.path, packed.manifest, packed.path / CONFIG_FILE)
+    return read_config_file(packed.path, fix=hint, error=PackedFormatError)
 
 
 def _wire_memory(nbytes: int) -> None:

@@ -153,14 +153,14 @@ def advise(trace, model, cache_gb, slots, compute_ms, read_gbps, as_json):
 
 
 def _advise_model(steps, model, cache_gb, compute_ms, read_gbps, info):
-    from streamer.models.args import ModelArgs
+    from streamer.models.args import ModelArgs, read_config_file
     from streamer.storage.packed import read_manifest
     from streamer.tuning.advise import advise_model
     from streamer.tuning.bench import measure_read_gbps
 
     path = resolve_model(model)
     manifest = read_manifest(path)
-    args = ModelArgs.from_dict(json.loads((path / "config.json").read_text()))
+    args = ModelArgs.from_dict(read_config_file(path))
     if read_gbps is None:
         read_gbps, mode = measure_read_gbps(path)
         info["read_gbps_measured"] = {"gbps": read_gbps, "io_mode": mode}

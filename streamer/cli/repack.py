@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 import click
 
 from streamer.errors import PackedFormatError
-from streamer.storage.packed import open_packed, read_manifest
+from streamer.models.args import CONFIG_FILE, read_config_file
+from streamer.storage.packed import open_packed, read_manifest, repair_hint
 from streamer.storage.packed_format import PROGRESS_FILE, LayerEntry, Manifest
 from streamer.storage.paths import list_packed_dirs, model_id_from_dir_name, models_dir, resolve_packed_model
 from streamer.storage.repack import run_repack
@@ -163,7 +163,7 @@ def info(model: str) -> None:
     """Print a packed MODEL's source, shape and sizes (resident vs streamed expert bytes)."""
     path = resolve_packed_model(model)
     m = open_packed(path).manifest
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    config = read_config_file(path, fix=repair_hint(path, m, path / CONFIG_FILE), error=PackedFormatError)
     tc = config.get("text_config") or config
     counts = sorted({e.num_experts for e in m.layers})
     experts = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (per layer)"

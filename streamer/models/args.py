@@ -8,12 +8,33 @@ or flat), ignores the rest and derives everything else in ``__post_init__``. ``Q
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from streamer.errors import ConfigError
 
 MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+CONFIG_FILE = "config.json"
+
+
+def read_config_file(
+    directory: str | Path, fix: str = "re-download it", error: type[Exception] = ConfigError
+) -> dict:
+    """A model directory's config.json, parsed: the one place it is read.
+
+    Raises:
+        ``error`` (ConfigError unless the caller names a more specific one): the file is missing or is
+        not JSON; the message names the file and ``fix``.
+    """
+    file = Path(directory) / CONFIG_FILE
+    if not file.is_file():
+        raise error(f"{file} not found: is {directory} a model directory?")
+    try:
+        return json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{file}: not valid JSON ({e}); {fix}") from None
 
 
 @dataclass

@@ -16,13 +16,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from streamer.errors import CheckpointError, ConfigError
-from streamer.models.args import ModelArgs
+from streamer.models.args import ModelArgs, read_config_file
 from streamer.models.quantization import QuantSpec
 from streamer.models.qwen3_5_moe import DeltaRule, Model
+from streamer.storage.safetensors_file import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 # Parts of multimodal / MTP checkpoints the text model does not use (mlx-lm drops them too).
 IGNORED_PREFIXES = ("vision_tower", "model.visual", "mtp.", "language_model.mtp.")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -64,13 +64,7 @@ def load_model(
 
 
 def read_config(path: Path) -> dict:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file} not found: is {path} a model checkpoint directory?")
-    try:
-        return json.loads(config_file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e}); re-download it") from None
+    return read_config_file(path, error=CheckpointError)
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:

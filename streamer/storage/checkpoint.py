@@ -18,17 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamer.errors import CheckpointError, ConfigError
-from streamer.models.args import ModelArgs
-from streamer.storage.safetensors_file import TensorInfo, read_header
+from streamer.models.args import MODEL_TYPES, ModelArgs, read_config_file
+from streamer.models.quantization import Quant, QuantSpec
+from streamer.storage.safetensors_file import INDEX_FILE, TensorInfo, read_header
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 KINDS = ("weight", "scales", "biases")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 STORED_DTYPES = (*FLOAT_DTYPES, "U32", "U8")  # U32: packed quantized weights, U8: mx* mode scales
-INDEX_FILE = "model.safetensors.index.json"
 # Small files a model needs next to its weights (tokenizer, templates, configs), copied by repack.
 EXTRA_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
@@ -38,19 +37,12 @@ _REQUIRED_CONFIG = ("hidden_size", "num_hidden_layers", "num_experts", "moe_inte
 
 
 @dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    group_size: int
-    mode: str
-
-
-@dataclass(frozen=True)
 class ExpertProjection:
     """One stacked projection of a layer's routed experts, e.g. ``switch_mlp.gate_proj``."""
 
     name: str  # gate_proj, up_proj or down_proj
     module: str  # full module path, the key of per-module quantization overrides
-    quant: QuantSpec | None  # None: unquantized (weight only)
+    quant: Quant | None  # None: unquantized (weight only)
     tensors: dict[str, TensorInfo]  # kind (weight/scales/biases) -> stacked [E, ...] tensor
 
 
@@ -112,10 +104,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not config_path.is_file():
         raise CheckpointError(f"{path}: not a checkpoint (no config.json); {_WANTED}")
     raw_config = config_path.read_bytes()
-    try:
-        config = json.loads(raw_config)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e}); re-download config.json") from None
+    config = read_config_file(path, fix="re-download config.json", error=CheckpointError)
     _check_config(config, config_path)
     tensors = _read_tensors(path)
     if any(_HF_PER_EXPERT.search(n) for n in tensors):
@@ -172,10 +161,10 @@ def _check_config(config: dict, config_path: Path) -> None:
             f"{config_path}: must hold a JSON object, got {type(config).__name__}; re-download config.json"
         )
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         raise CheckpointError(
             f"{config_path}: unsupported model_type {model_type!r}; streamer runs "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3.5 mixture-of-experts) checkpoints"
+            f"{', '.join(MODEL_TYPES)} (Qwen3.5 mixture-of-experts) checkpoints"
         )
     tc = config.get("text_config") or config
     if not isinstance(tc, dict):
@@ -318,24 +307,23 @@ def _expert_projection(
     return ExpertProjection(module.rsplit(".", 1)[1], module, q, found)
 
 
-def _quant_spec(quant: dict, module: str, found: dict[str, TensorInfo], in_dim: int) -> QuantSpec:
-    """Bits and group size of a quantized module: its override, else inferred from the tensor shapes."""
+def _quant_spec(quant: dict, module: str, found: dict[str, TensorInfo], in_dim: int) -> Quant:
+    """Bits and group size of a quantized module, resolved exactly as the model loader resolves them."""
     w, s = found["weight"], found["scales"]
-    entry = quant.get(module)
-    mode = (entry if isinstance(entry, dict) else quant).get("mode", "affine")
-    if isinstance(entry, dict) and "bits" in entry and "group_size" in entry:
-        return QuantSpec(int(entry["bits"]), int(entry["group_size"]), mode)
-    # No override: the shapes decide (the global default may not be what this module used).
-    packed, groups = w.shape[2], s.shape[2]
-    bits, group_size = packed * 32 // in_dim, in_dim // max(groups, 1)
-    if packed * 32 != bits * in_dim or groups * group_size != in_dim or not 1 <= bits <= 8:
+    shapes = {f"{module}.{kind}": t.shape for kind, t in found.items()}
+    try:
+        q = QuantSpec(quant, shapes).quant_for(module, in_dims=in_dim)
+    except CheckpointError as e:
         raise CheckpointError(
             f"{w.path}: cannot infer quantization of '{module}' from shapes {list(w.shape)} and "
-            f"{list(s.shape)} (input dim {in_dim}) and the config has no entry for it"
+            f"{list(s.shape)} (input dim {in_dim}): {e}"
+        ) from None
+    if q is None:
+        raise CheckpointError(
+            f"{w.path}: '{module}' has scales but config.json's quantization lists it as unquantized; "
+            "the checkpoint and its config do not match"
         )
-    if (bits, group_size) != (quant.get("bits"), quant.get("group_size")):
-        log.info("%s: no quantization entry, inferred %d-bit group %d from shapes", module, bits, group_size)
-    return QuantSpec(bits, group_size, mode)
+    return q
 
 
 def _layer_expert_count(
