@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from streamer.cli.options import open_engine, with_runtime
+from streamer.cli.options import open_engine, sampling_options, with_runtime
 from streamer.errors import ConfigError
 from streamer.generation.generate import stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler
@@ -35,9 +35,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--raw", is_flag=True, help="Send --prompt to the model as is, without the chat template.")
 @click.option("--no-think", is_flag=True, help="Render the template with thinking disabled.")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@sampling_options(note=" Off unless given: generate decodes greedily.")
 @click.option(
     "--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Seed for sampling (reproducible runs)."
 )
@@ -46,8 +44,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write routing as JSON lines.")
 @with_runtime
 def generate(
-    model, prompt, prompt_ids, raw, no_think, max_tokens, temp, top_p, top_k, seed,
-    as_json, show_stats, trace, runtime, resident,
+    model, prompt, prompt_ids, raw, no_think, max_tokens, seed,
+    as_json, show_stats, trace, runtime, resident, sampling_overrides,
 ):  # fmt: skip
     """Generate text from MODEL (a packed model, a hub id packed before, or the demo when omitted).
 
@@ -62,7 +60,9 @@ def generate(
         raise ConfigError("--prompt is empty; pass some text (or token ids with --prompt-ids)")
     if prompt is not None:
         _check_utf8(prompt)
-    params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
+    # Unlike chat, generate ignores the model's sampling defaults: greedy unless a flag says otherwise.
+    given = {name: value for name, value in sampling_overrides.items() if value is not None}
+    params = SamplingParams(**given, seed=seed)
     prompt_ids = None if prompt_ids is None else _parse_ids(prompt_ids)
     with open_engine(model, runtime, resident) as engine:
         tok = engine.tokenizer

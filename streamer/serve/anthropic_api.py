@@ -21,11 +21,12 @@ from streamer.serve.api import (
     answer_events,
     completion_budget,
     make_id,
+    make_job,
     render_chat,
     run_job,
 )
 from streamer.serve.tool_calls import OutputParser, ToolCall
-from streamer.serve.worker import Finished, Job
+from streamer.serve.worker import Finished
 
 _ERROR_TYPES = {"server_error": "api_error"}
 
@@ -49,13 +50,14 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         raise ApiError(400, "max_tokens is required", param="max_tokens")
     prompt, tools = _prompt(f, ctx)
     mid = make_id("msg_")
-    job = Job(
+    job = make_job(
+        ctx,
+        f,
         prompt.ids,
         completion_budget(ctx.settings, len(prompt.ids), max_tokens, "max_tokens"),
-        ctx.settings.sampling(prompt.thinking, f.sampling_values()),
-        stop=f.stop_list("stop_sequences"),
+        thinking=prompt.thinking,
+        stop_param="stop_sequences",
         snapshot_at=() if prompt.boundary is None else (prompt.boundary,),
-        ignore_eos=f.flag("ignore_eos"),
         label=mid,
     )
     events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)

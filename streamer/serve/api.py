@@ -192,6 +192,30 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None, think
     return Prompt(head_ids + tokenizer.encode(full[len(history) :]), len(head_ids), thinking)
 
 
+def make_job(
+    ctx: ApiContext,
+    f: Fields,
+    ids: list[int],
+    budget: int,
+    *,
+    thinking: bool,
+    stop_param: str,
+    snapshot_at: tuple[int, ...],
+    label: str,
+) -> Job:
+    """The generation job every API dialect asks for: sampling from the request over the server's
+    defaults, stop strings from the dialect's own parameter (``stop`` / ``stop_sequences``)."""
+    return Job(
+        ids,
+        budget,
+        ctx.settings.sampling(thinking, f.sampling_values()),
+        stop=f.stop_list(stop_param),
+        snapshot_at=snapshot_at,
+        ignore_eos=f.flag("ignore_eos"),
+        label=label,
+    )
+
+
 def completion_budget(settings: ServeSettings, prompt_tokens: int, requested: int | None, param: str) -> int:
     """max_tokens for a request: what it asked for, or the server default, within the context length."""
     room = settings.context_length - prompt_tokens

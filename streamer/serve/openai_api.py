@@ -21,11 +21,12 @@ from streamer.serve.api import (
     answer_events,
     completion_budget,
     make_id,
+    make_job,
     render_chat,
     run_job,
 )
 from streamer.serve.tool_calls import OutputParser
-from streamer.serve.worker import Finished, Job
+from streamer.serve.worker import Finished
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -62,13 +63,15 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     budget = completion_budget(ctx.settings, len(prompt.ids), f.number(param, 1, integer=True), param)
     include_usage = _include_usage(f)
     cid = make_id("chatcmpl-")
-    job = Job(
+    snapshot_at = () if prompt.boundary is None else (prompt.boundary,)
+    job = make_job(
+        ctx,
+        f,
         prompt.ids,
         budget,
-        ctx.settings.sampling(prompt.thinking, f.sampling_values()),
-        stop=f.stop_list("stop"),
-        snapshot_at=() if prompt.boundary is None else (prompt.boundary,),
-        ignore_eos=f.flag("ignore_eos"),
+        thinking=prompt.thinking,
+        stop_param="stop",
+        snapshot_at=snapshot_at,
         label=cid,
     )
     events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
@@ -142,15 +145,9 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     budget = completion_budget(ctx.settings, len(ids), f.number("max_tokens", 1, integer=True), "max_tokens")
     include_usage = _include_usage(f)
     cid = make_id("cmpl-")
-    job = Job(
-        ids,
-        budget,
-        ctx.settings.sampling(False, f.sampling_values()),
-        stop=f.stop_list("stop"),
-        # A snapshot before the last token lets the same prompt, sent again, skip all but one token.
-        snapshot_at=(len(ids) - 1,),
-        ignore_eos=f.flag("ignore_eos"),
-        label=cid,
+    # A snapshot before the last token lets the same prompt, sent again, skip all but one token.
+    job = make_job(
+        ctx, f, ids, budget, thinking=False, stop_param="stop", snapshot_at=(len(ids) - 1,), label=cid
     )
     events = answer_events(run_job(ctx, job), None)
     head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model}
