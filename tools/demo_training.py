@@ -445,7 +445,7 @@ def export_checkpoint(
         ValueError: the trained weights do not match the checkpoint's parameter plan.
     """
     from streamer.synthetic.params import plan_params
-    from streamer.synthetic.presets import Preset
+    from streamer.synthetic.presets import DEMO_GENERATION, Preset
     from streamer.synthetic.writer import generate
 
     run_dir = Path(run_dir)
@@ -467,7 +467,12 @@ def export_checkpoint(
         w = weights[param.name]
         return w if expert is None else w[expert]
 
-    preset = Preset("trained-demo", "Qwen3.5-MoE trained on Python standard library source", text_config)
+    preset = Preset(
+        "trained-demo",
+        "Qwen3.5-MoE trained on Python standard library source",
+        text_config,
+        generation=DEMO_GENERATION,
+    )
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     generate(dst, preset, dtype=dtype, seed=cfg.seed, value_fn=value_fn, tokenizer_dir=run_dir / "tokenizer")
     corpus = json.loads((run_dir / "corpus.json").read_text())

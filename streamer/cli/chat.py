@@ -19,7 +19,7 @@ from streamer.cli.options import open_engine, sampling_options, with_runtime
 from streamer.errors import StreamerError
 from streamer.generation.chat_session import DEFAULT_MAX_TOKENS, ChatChunk, ChatSession, TurnStats
 from streamer.generation.generate import PREFILL_CHUNK
-from streamer.generation.sampling import default_sampling_params
+from streamer.generation.sampling import default_sampling_params, model_max_tokens, model_thinks_by_default
 from streamer.storage.session import list_sessions, read_session, session_path, write_session
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -43,15 +43,20 @@ _VISIBLE |= {c: 0xFFFD for c in range(0x80, 0xA0)}
 @click.command()
 @click.argument("model", required=False)
 @click.option("--system", help="System prompt.")
-@click.option("--no-think", is_flag=True, help="Answer without thinking first (Qwen3.5's non-thinking mode).")
+@click.option(
+    "--think/--no-think",
+    default=None,
+    help="Think before answering, or not (Qwen3.5's non-thinking mode). Default: the model's own "
+    "(generation_config.json; Qwen3.5 thinks, the demo does not).",
+)
 @click.option("--hide-thinking", is_flag=True, help="Let the model think but do not show the thinking.")
 @click.option(
     "--max-tokens",
     "-n",
     type=click.IntRange(min=1),
-    default=DEFAULT_MAX_TOKENS,
-    show_default=True,
-    help="Most tokens per answer, thinking included.",
+    default=None,
+    help=f"Most tokens per answer, thinking included [default: the model's max_new_tokens, else "
+    f"{DEFAULT_MAX_TOKENS}].",
 )
 @click.option(
     "--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Seed for sampling (reproducible runs)."
@@ -59,7 +64,7 @@ _VISIBLE |= {c: 0xFFFD for c in range(0x80, 0xA0)}
 @sampling_options()
 @with_runtime
 def chat(
-    model, system, no_think, hide_thinking, max_tokens, seed, sampling_overrides, runtime, resident,
+    model, system, think, hide_thinking, max_tokens, seed, sampling_overrides, runtime, resident,
 ):  # fmt: skip
     """Chat with MODEL (a packed model, a hub id packed before, or the demo when omitted).
 
@@ -74,11 +79,12 @@ def chat(
     """
     overrides = {**sampling_overrides, "seed": seed}
     with open_engine(model, runtime, resident) as engine:
-        defaults = default_sampling_params(engine.tokenizer.generation_config, thinking=not no_think)
+        model_config = engine.tokenizer.generation_config
+        thinking = model_thinks_by_default(model_config) if think is None else think
+        defaults = default_sampling_params(model_config, thinking=thinking)
         params = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
-        session = ChatSession(
-            engine, params, system=system, enable_thinking=not no_think, max_tokens=max_tokens
-        )
+        max_tokens = max_tokens or model_max_tokens(model_config, DEFAULT_MAX_TOKENS)
+        session = ChatSession(engine, params, system=system, enable_thinking=thinking, max_tokens=max_tokens)
         _ChatLoop(session, hide_thinking).run()
 
 

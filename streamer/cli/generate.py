@@ -12,7 +12,7 @@ import click
 from streamer.cli.options import open_engine, sampling_options, with_runtime
 from streamer.errors import ConfigError
 from streamer.generation.generate import stream_generate
-from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.generation.sampling import SamplingParams, make_sampler, model_thinks_by_default
 from streamer.tuning.trace import RouteTrace
 
 
@@ -33,7 +33,11 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--prompt", "-p", help="Prompt text (the chat template is applied unless --raw).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids (no template).")
 @click.option("--raw", is_flag=True, help="Send --prompt to the model as is, without the chat template.")
-@click.option("--no-think", is_flag=True, help="Render the template with thinking disabled.")
+@click.option(
+    "--think/--no-think",
+    default=None,
+    help="Render the template with thinking on or off. Default: the model's own (the demo: off).",
+)
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=100, show_default=True)
 @sampling_options(note=" Off unless given: generate decodes greedily.")
 @click.option(
@@ -44,7 +48,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write routing as JSON lines.")
 @with_runtime
 def generate(
-    model, prompt, prompt_ids, raw, no_think, max_tokens, seed,
+    model, prompt, prompt_ids, raw, think, max_tokens, seed,
     as_json, show_stats, trace, runtime, resident, sampling_overrides,
 ):  # fmt: skip
     """Generate text from MODEL (a packed model, a hub id packed before, or the demo when omitted).
@@ -75,9 +79,8 @@ def generate(
         elif raw:
             ids = tok.encode(prompt)
         else:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], enable_thinking=not no_think
-            )
+            thinking = model_thinks_by_default(tok.generation_config) if think is None else think
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=thinking)
             ids = tok.encode(text)
         _check_context(len(ids), max_tokens, engine.args.max_position_embeddings)
         sampler = make_sampler(params, context=ids)  # penalties (if any) see the prompt too

@@ -32,13 +32,16 @@ from streamer.serve.http import ServeConfig, start_server
     help="A name clients may request (repeatable; the first is listed by /v1/models).",
 )
 @click.option("--any-model", is_flag=True, help="Accept every model name (for clients that send their own).")
-@click.option("--no-think", is_flag=True, help="Answer without thinking unless a request turns it on.")
+@click.option(
+    "--think/--no-think",
+    default=None,
+    help="Whether answers think first when a request does not say. Default: the model's own (the demo: no).",
+)
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
-    default=4096,
-    show_default=True,
-    help="Completion budget for requests that set none.",
+    default=None,
+    help="Completion budget for requests that set none [default: the model's max_new_tokens, else 4096].",
 )
 @click.option(
     "--context-length",
@@ -63,7 +66,7 @@ from streamer.serve.http import ServeConfig, start_server
 @sampling_options(" Default for requests that do not set it (else the model's recommendation).")
 @with_runtime
 def serve(
-    model, host, port, api_key, model_names, any_model, no_think, max_tokens, context_length,
+    model, host, port, api_key, model_names, any_model, think, max_tokens, context_length,
     prefix_cache_gb, prefix_cache_entries, sampling_overrides, runtime, resident,
 ):  # fmt: skip
     """Serve MODEL over HTTP with the OpenAI and Anthropic APIs (the demo model when omitted).
@@ -80,7 +83,7 @@ def serve(
         api_key=api_key,
         model_names=tuple(model_names) or (_model_name(model),),
         accept_any_model=any_model,
-        thinking=not no_think,
+        thinking=think,
         default_max_tokens=max_tokens,
         context_length=context_length,
         sampling_overrides={k: v for k, v in sampling_overrides.items() if v is not None},

@@ -67,6 +67,27 @@ NON_THINKING_DEFAULTS = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, pre
 _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty")
 
 
+def model_thinks_by_default(generation_config: dict) -> bool:
+    """Whether answers start with thinking unless asked otherwise: generation_config.json's
+    ``enable_thinking`` (a streamer extension; the demo model, which cannot think, sets it false), else yes
+    (Qwen3.5 thinks by default)."""
+    value = generation_config.get("enable_thinking", True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"generation_config.json: enable_thinking must be true or false, got {value!r}")
+    return value
+
+
+def model_max_tokens(generation_config: dict, fallback: int) -> int:
+    """The answer-length budget when the user sets none: generation_config.json's ``max_new_tokens``
+    (Hugging Face's key; the demo model sets a few hundred), else ``fallback``."""
+    value = generation_config.get("max_new_tokens")
+    if value is None:
+        return fallback
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"generation_config.json: max_new_tokens must be a positive integer, got {value!r}")
+    return value
+
+
 def default_sampling_params(generation_config: dict, thinking: bool) -> SamplingParams:
     """The sampling defaults for a checkpoint and mode.
 

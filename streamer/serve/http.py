@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from streamer.errors import ConfigError
+from streamer.generation.sampling import model_max_tokens, model_thinks_by_default
 from streamer.serve import anthropic_api as api_anthropic
 from streamer.serve import openai_api as api_openai
 from streamer.serve.api import ApiContext, ApiError, EventStream, JsonResponse, ReasoningMemory, ServeSettings
@@ -43,8 +44,8 @@ class ServeConfig:
     api_key: str | None = None
     model_names: tuple[str, ...] = ()  # names requests may use; the first is the listed id
     accept_any_model: bool = False
-    thinking: bool = True
-    default_max_tokens: int = 4096
+    thinking: bool | None = None  # None: the model's own default (generation_config.json)
+    default_max_tokens: int | None = None  # None: the model's max_new_tokens, else 4096
     context_length: int | None = None  # None: the model's max_position_embeddings
     sampling_overrides: dict = field(default_factory=dict)
     prefix_cache_bytes: int = 2 * 10**9
@@ -317,15 +318,16 @@ def start_server(load: Callable, config: ServeConfig, scripted: ScriptedModel | 
 
 
 def _settings(config: ServeConfig, engine) -> ServeSettings:
+    generation_config = engine.tokenizer.generation_config
     model_limit = engine.args.max_position_embeddings
     names = tuple(dict.fromkeys([*config.model_names, engine.path.name]))
     return ServeSettings(
         model_names=names,
         context_length=min(config.context_length or model_limit, model_limit),
         accept_any_model=config.accept_any_model,
-        default_max_tokens=config.default_max_tokens,
-        thinking=config.thinking,
+        default_max_tokens=config.default_max_tokens or model_max_tokens(generation_config, 4096),
+        thinking=model_thinks_by_default(generation_config) if config.thinking is None else config.thinking,
         sampling_overrides=dict(config.sampling_overrides),
         api_key=config.api_key,
-        generation_config=engine.tokenizer.generation_config,
+        generation_config=generation_config,
     )

@@ -94,6 +94,12 @@ class Preset:
     # "float": quantize random float weights as mlx_lm.convert would (tests compare bytes with it);
     # "codes": draw quantized codes directly (~50x faster; for full-width checkpoints of tens of GB).
     values: str = "float"
+    # Extra generation_config.json keys: how the model wants to be run (the demos cannot think).
+    generation: dict = field(default_factory=dict)
+
+
+# A model this small writes code-like text, not reasoning: no thinking, short answers.
+DEMO_GENERATION = {"enable_thinking": False, "max_new_tokens": 256}
 
 
 def _full_width_config(num_layers: int, vocab_size: int = 248320) -> dict:
@@ -142,7 +148,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "demo",
-            "the embedded default: real Qwen3.5 vocabulary, 8 layers, 64 experts top-8",
+            "random-weight fallback of the demo: real Qwen3.5 vocabulary, 8 layers, 64 experts top-8",
             _text_config(
                 hidden_size=256,
                 num_hidden_layers=8,
@@ -156,6 +162,7 @@ PRESETS: dict[str, Preset] = {
                 shared_expert_intermediate_size=256,
             ),
             tokenizer="qwen3_5",
+            generation=DEMO_GENERATION,
         ),
         Preset(
             "q8",

@@ -253,7 +253,9 @@ def generate(
     index["weight_map"] = dict(sorted(index["weight_map"].items()))
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
     (tmp / "config.json").write_text(json.dumps(config, indent=4))
-    (tmp / "generation_config.json").write_text(json.dumps(_generation_config(tmp), indent=2))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({**_generation_config(tmp), **preset.generation}, indent=2)
+    )
     (tmp / "synthetic.json").write_text(
         json.dumps(
             {"preset": preset.name, "seed": seed, "dtype": dtype, "fingerprint": _fingerprint(config, seed)}
