@@ -11,18 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the runtime owns this object; imported for annotations only
-    from streamer.experts.runtime import ExpertRuntime
 
 log = logging.getLogger(__name__)
 
 
 class ReadAhead:
-    """Reads started ahead of need, keyed (layer, expert) -> (slot pinned for it, its read)."""
+    """Reads started ahead of need, keyed (layer, expert) -> (slot pinned for it, its read).
 
-    def __init__(self, runtime: ExpertRuntime, reserve_slots: int):
+    ``runtime`` is the ``ExpertRuntime`` that owns this object (its cache, readers, stats and timeout);
+    it is not imported here, so the dependency points one way.
+    """
+
+    def __init__(self, runtime, reserve_slots: int):
         self.runtime = runtime
         self.reserve_slots = reserve_slots
         self._reads: dict[tuple[int, int], tuple[int, Future]] = {}

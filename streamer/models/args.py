@@ -17,6 +17,7 @@ from streamer.errors import ConfigError
 
 MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
 CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's tensor name -> shard file
 
 
 def read_config_file(

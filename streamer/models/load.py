@@ -16,10 +16,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from streamer.errors import CheckpointError, ConfigError
-from streamer.models.args import ModelArgs, read_config_file
+from streamer.models.args import INDEX_FILE, ModelArgs, read_config_file
 from streamer.models.quantization import QuantSpec
 from streamer.models.qwen3_5_moe import DeltaRule, Model
-from streamer.storage.safetensors_file import INDEX_FILE
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamer.errors import CheckpointError, ConfigError
-from streamer.models.args import MODEL_TYPES, ModelArgs, read_config_file
+from streamer.models.args import INDEX_FILE, MODEL_TYPES, ModelArgs, read_config_file
 from streamer.models.quantization import Quant, QuantSpec
-from streamer.storage.safetensors_file import INDEX_FILE, TensorInfo, read_header
+from streamer.storage.safetensors_file import TensorInfo, read_header
 
 log = logging.getLogger(__name__)
 

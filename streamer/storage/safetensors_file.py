@@ -36,7 +36,6 @@ DTYPE_SIZES = {
 }
 
 # Refuse absurd headers before allocating them (a corrupt length field would otherwise ask for TBs).
-INDEX_FILE = "model.safetensors.index.json"  # tensor name -> shard, in sharded checkpoints
 MAX_HEADER_BYTES = 100 << 20
 
 
