@@ -43,6 +43,17 @@ def _mlx_lm_greedy(src, ids, n):
     return tokens
 
 
+def _until_eos(tokens: list[int], src) -> tuple[list[int], str]:
+    """mlx-lm's greedy tokens cut where generation must stop: after the first end-of-sequence token
+    (read from the checkpoint's generation_config.json), which is itself yielded."""
+    eos = json.loads((src / "generation_config.json").read_text())["eos_token_id"]
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1], "stop"
+    return tokens, "length"
+
+
 def _run(*args):
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -66,9 +77,8 @@ def test_greedy_tokens_equal_mlx_lm(models, preset, flags, tmp_path):
         flags = ["--cache-experts", "24", *flags[2:]]
     out = _run("generate", str(dst), "--prompt-ids", ids, "-n", str(N_TOKENS), "--json", *flags)
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    want = _mlx_lm_greedy(src, PROMPT_IDS, N_TOKENS)
-    assert got["token_ids"] == want[: len(got["token_ids"])]
-    assert len(got["token_ids"]) == N_TOKENS or got["stats"]["finish_reason"] == "stop"
+    want, reason = _until_eos(_mlx_lm_greedy(src, PROMPT_IDS, N_TOKENS), src)
+    assert (got["token_ids"], got["stats"]["finish_reason"]) == (want, reason)
     for key in ("cache_hits", "cache_misses", "bytes_read", "prompt_tps", "decode_tps"):
         assert key in got["stats"]
     assert got["stats"]["bytes_read"] > 0
