@@ -445,6 +445,8 @@ def test_catalogue(models, case):
     else:
         assert result.exit_code == (2 if case.outcome == "usage" else 1), output
         assert line.startswith("Error: ") and output.rstrip("\n").endswith(line), output
+        if case.outcome == "error":  # one line, not one line among others (usage errors add click's usage)
+            assert [x for x in output.splitlines() if x.strip()] == [line], output
     if args[0] == "repack":
         assert not (models.work / "out" / MANIFEST_FILE).exists()  # nothing that looks complete
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import sys
 import time
@@ -29,13 +30,17 @@ def _size(n: int) -> str:
 
 
 class _Bar:
-    """A click progress bar over bytes that shows GB done and the rate of this run."""
+    """A click progress bar over bytes that shows GB done and the rate of this run.
+
+    Only on a terminal: to a pipe or a log, click would print the bare label, a line that reads like a
+    message (the command's own summary line says what was done).
+    """
 
     def __init__(self, label: str, total: int):
         self._bar = click.progressbar(
             length=total,
             label=label,
-            file=sys.stderr,
+            file=sys.stderr if sys.stderr.isatty() else io.StringIO(),
             item_show_func=lambda text: text,
         )
         self._start, self._shown, self._first = time.monotonic(), 0, None
