@@ -13,10 +13,7 @@ from streamer.storage.packed import open_packed, read_manifest
 from streamer.storage.packed_format import RESIDENT_FILE
 from streamer.storage.safetensors_file import read_header
 from streamer.storage.verify import verify_packed
-from tests.repack.helpers import (
-    _flip,
-    _tree,
-)
+from tests.repack.helpers import _flip, _repack, _tree
 
 
 def test_verify_names_layer_expert_component_of_a_flipped_byte(packed):
@@ -59,3 +56,40 @@ def test_verify_catches_resident_padding_header_and_size_damage(packed, tmp_path
         open_packed(packed)
     restore()
     verify_packed(packed)
+
+
+def test_verify_catches_a_flipped_byte_in_every_component_of_first_and_last_experts(packed):
+    """Each (layer, expert, component) is checked, not a sample: damage anywhere is named exactly."""
+    pristine = _tree(packed)
+    layers = read_manifest(packed).layers
+    for entry in (layers[0], layers[-1]):
+        for expert in (0, entry.num_experts - 1):
+            for c in entry.components:
+                _flip(packed / entry.file, entry.block_offset(expert) + c.offset + c.nbytes - 1)
+                want = f"layer {entry.layer} expert {expert} component {c.name}: checksum mismatch"
+                with pytest.raises(PackedFormatError, match=want):
+                    verify_packed(packed)
+                (packed / entry.file).write_bytes(pristine[entry.file])
+    verify_packed(packed)
+
+
+def test_repack_verifies_what_it_wrote(sources, tmp_path, monkeypatch):
+    """A byte that changes between write and re-read (a bad disk, a bug in the writer) fails the repack
+    and leaves no manifest: the verify-after-write is not skipped."""
+    from streamer.storage import repack
+
+    real_write_all = repack.write_all
+    calls = {"n": 0}
+
+    def corrupting_write_all(fd, buf, offset):
+        calls["n"] += 1
+        if calls["n"] == 3:  # somewhere inside the first expert layer
+            data = bytearray(buf)
+            data[len(data) // 2] ^= 0x01
+            buf = memoryview(data)
+        real_write_all(fd, buf, offset)
+
+    monkeypatch.setattr(repack, "write_all", corrupting_write_all)
+    with pytest.raises(PackedFormatError, match=r"\.partial: "):  # caught before the file is renamed
+        _repack(sources("tiny"), tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
