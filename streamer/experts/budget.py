@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from streamer.experts.runtime import block_shape_of
 from streamer.models.args import ModelArgs
+from streamer.models.load import _resolve_dtype
 from streamer.settings import RuntimeConfig
 
-# Memory left to the OS, the page cache's working set and activations when the budget is derived.
+# Memory left to the OS, the page cache's working set and activations when the budget is derived:
+# RAM × (1 − RAM_SHARE) plus this much, or less on small machines (see ``headroom_bytes``).
 HEADROOM_BYTES = 4 << 30
+# The least extra headroom kept however small the limit: the interpreter, MLX, numpy and the tokenizer,
+# KV cache and activations of a small model, reader staging buffers.
+MIN_HEADROOM_BYTES = 128 << 20
 
 
 # The fraction of RAM streamer allows itself when no budget is given.
@@ -56,33 +61,51 @@ def _cgroup_limit_files(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sy
     return files
 
 
-def default_cache_bytes(resident_bytes: int, expert_bytes: int, ram_bytes: int | None = None) -> int:
-    """The expert cache budget when the user gives none.
+def headroom_bytes(ram_bytes: int) -> int:
+    """Extra memory kept free beyond RAM × (1 − RAM_SHARE): 4 GB from 16 GB of RAM up, 25 % of RAM
+    below that, never under MIN_HEADROOM_BYTES.
 
-    ``RAM × 0.75 − resident weights − 4 GB headroom`` (KV cache, DeltaNet state, activations, the OS),
-    never more than all experts. The caller raises it to the minimum (one layer's top-k) if needed.
+    A flat 4 GB made the default collapse to the minimum cache on small machines and in cgroups (a
+    456 MB limit left nothing and peaked at 175 MB of the 456 allowed); scaled, a 456 MB limit keeps
+    114 + 128 MB free and gives the cache the rest.
+    """
+    return min(HEADROOM_BYTES, max(MIN_HEADROOM_BYTES, int(ram_bytes * (1 - RAM_SHARE))))
+
+
+def default_cache_bytes(resident_bytes: int, expert_bytes: int, ram_bytes: int | None = None) -> int:
+    """The expert cache budget when the user gives none (``expert_bytes``: all experts as held in slots).
+
+    ``RAM × 0.75 − resident weights − headroom`` (KV cache, DeltaNet state, activations, the OS; see
+    ``headroom_bytes``), never more than all experts. The caller raises it to the minimum (one layer's
+    top-k) if needed.
     """
     ram = total_ram_bytes() if ram_bytes is None else ram_bytes
-    return max(0, min(expert_bytes, int(ram * RAM_SHARE) - resident_bytes - HEADROOM_BYTES))
+    return max(0, min(expert_bytes, int(ram * RAM_SHARE) - resident_bytes - headroom_bytes(ram)))
 
 
 def _cache_budget(packed, args: ModelArgs, config: RuntimeConfig) -> int:
-    """Bytes for expert slots from --cache-gb, --cache-experts or the RAM-derived default."""
+    """Bytes for expert slots from --cache-gb, --cache-experts or the RAM-derived default.
+
+    Sizes are slots in memory (floats widened to the activation dtype's promotion, see expert_cache),
+    which can exceed the blocks on disk: --cache-experts N buys N experts whatever that costs.
+    """
     layers = packed.manifest.layers
     if config.cache_bytes is not None:
         return config.cache_bytes
-    slot_bytes = [block_shape_of(e).nbytes for e in layers]
+    dtype = _resolve_dtype(config.dtype)
+    slot_bytes = [block_shape_of(e, dtype).nbytes for e in layers]
     if config.cache_experts is not None:
         mean = sum(b * e.num_experts for b, e in zip(slot_bytes, layers, strict=True)) / sum(
             e.num_experts for e in layers
         )
         return int(config.cache_experts * mean)
+    all_slots = sum(b * e.num_experts for b, e in zip(slot_bytes, layers, strict=True))
     return max(
-        minimum_cache_bytes(packed, args),
-        default_cache_bytes(packed.manifest.resident_bytes, packed.manifest.expert_bytes),
+        minimum_cache_bytes(packed, args, dtype),
+        default_cache_bytes(packed.manifest.resident_bytes, all_slots),
     )
 
 
-def minimum_cache_bytes(packed, args: ModelArgs) -> int:
-    """The smallest workable budget: one layer's top-k in every slot pool."""
-    return args.num_experts_per_tok * sum({block_shape_of(e).nbytes for e in packed.manifest.layers})
+def minimum_cache_bytes(packed, args: ModelArgs, dtype=None) -> int:
+    """The smallest workable budget: one layer's top-k in every slot pool (slots as held for ``dtype``)."""
+    return args.num_experts_per_tok * sum({block_shape_of(e, dtype).nbytes for e in packed.manifest.layers})

@@ -12,6 +12,17 @@ it; eviction never picks a pinned slot.
 
 The cache is owned by the one thread that builds MLX graphs; I/O workers only fill buffers it hands out.
 
+**Slot dtypes.** A float component (scales, biases, unquantized weights) is held in
+``mx.result_type(activation dtype, stored dtype)``, not as stored: ``mx.gather_qmm`` / ``mx.gather_mm``
+convert scales (or weights) whose dtype differs from that promoted dtype for the *whole* array they are
+given, on every call, so a pool of published blocks (bf16 scales, f32 activations on CPU) got slower the
+bigger the cache: one 1024x512 4-bit projection, 8 routed, took 2.6 ms over 8 slots and 31 ms over 1,024
+(group size 32: 60 ms); f32 scales cost the same at every pool size. The widening (bf16 or f16 -> f32; the
+promoted dtype is never narrower than the stored one) is done once per read, on the reader thread, with
+numpy — exact, so results are bit-identical to the kernels' own conversion (and to mlx-lm). A slot then
+takes more memory than its block on disk (4-bit, group 64: +11 %); ``BlockShape.nbytes`` is the slot's
+in-memory size, so budgets in bytes buy honestly fewer slots.
+
 Names: S = slots in a pool, E = experts in a layer.
 """
 
@@ -37,18 +48,41 @@ _STORAGE = {
     "BF16": (mx.uint16, mx.bfloat16),
     "F16": (mx.uint16, mx.float16),
 }
+_SAFETENSORS = {mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16"}
+_FLOATS = ("F32", "BF16", "F16")
+
+
+def slot_dtype(stored: str, activation: mx.Dtype | None) -> str:
+    """The dtype a component is held in: ``mx.result_type(activation, stored)`` for floats, else as stored."""
+    if activation is None or stored not in _FLOATS:
+        return stored
+    return _SAFETENSORS[mx.result_type(activation, _STORAGE[stored][1])]
 
 
 @dataclass(frozen=True)
 class Component:
-    """One tensor of an expert block, e.g. ``("gate_proj.weight", "U32", (512, 512))``."""
+    """One tensor of an expert block, e.g. ``("gate_proj.weight", "U32", (512, 512))``.
+
+    ``dtype`` is the stored (on-disk) dtype; ``held`` the dtype of the slot (None: as stored).
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    held: str | None = None
+
+    @property
+    def slot_dtype(self) -> str:
+        return self.held or self.dtype
 
     @property
     def nbytes(self) -> int:
+        """Bytes in a slot (memory)."""
+        return tensor_nbytes(self.slot_dtype, self.shape)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes in the block on disk."""
         return tensor_nbytes(self.dtype, self.shape)
 
 
@@ -60,7 +94,46 @@ class BlockShape:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of one slot in memory (more than the block on disk when components are widened)."""
         return sum(c.nbytes for c in self.components)
+
+
+class SlotBuffers(list):
+    """The writable byte buffers of one slot's components, in block order (a list, for ``os.preadv``).
+
+    ``read(fill)`` is how readers fill the slot: ``fill(buffers) -> bytes`` gets the slot's own memory
+    for components held as stored, and a staging buffer for widened ones, which are then converted
+    into the slot. Runs on reader threads: numpy only, no MLX.
+    """
+
+    def __init__(self, pool: SlotPool, slot: int):
+        super().__init__(memoryview(pool._views[c.name][slot]).cast("B") for c in pool.shape.components)
+        self._pool, self._slot = pool, slot
+
+    def read(self, fill) -> int:
+        comps = self._pool.shape.components
+        staged = {
+            i: np.empty(c.stored_nbytes, dtype=np.uint8)
+            for i, c in enumerate(comps)
+            if c.held not in (None, c.dtype)
+        }
+        n = fill([memoryview(staged[i]) if i in staged else b for i, b in enumerate(self)])
+        for i, raw in staged.items():
+            c = comps[i]
+            _widen(raw, c.dtype, self._pool._views[c.name][self._slot].reshape(-1), c.slot_dtype)
+        return n
+
+
+def _widen(raw: np.ndarray, stored: str, dst: np.ndarray, held: str) -> None:
+    """Exact float widening of ``raw`` bytes into ``dst`` (a uint32 view of float32 memory)."""
+    if held != "F32":
+        raise ValueError(f"cannot hold {stored} as {held}")  # result_type never gives anything else
+    if stored == "BF16":  # bfloat16 is the top half of a float32: shifting is the exact conversion
+        np.left_shift(raw.view(np.uint16), 16, out=dst, dtype=np.uint32)
+    elif stored == "F16":
+        dst.view(np.float32)[:] = raw.view(np.float16)
+    else:
+        raise ValueError(f"cannot widen {stored} to {held}")
 
 
 class SlotPool:
@@ -72,16 +145,18 @@ class SlotPool:
         self._storage = {}
         self._views = {}
         for c in shape.components:
-            storage_dtype, _ = _STORAGE[c.dtype]
+            storage_dtype, _ = _STORAGE[c.slot_dtype]
             arr = mx.zeros((slots, *c.shape), dtype=storage_dtype)
             mx.eval(arr)
             self._storage[c.name] = arr
             self._views[c.name] = np.array(arr, copy=False)  # zero-copy, writable
-        self.arrays = {c.name: self._storage[c.name].view(_STORAGE[c.dtype][1]) for c in shape.components}
+        self.arrays = {
+            c.name: self._storage[c.name].view(_STORAGE[c.slot_dtype][1]) for c in shape.components
+        }
 
-    def buffers(self, slot: int) -> list[memoryview]:
-        """Byte buffers of ``slot``'s components in block order, for ``os.preadv``."""
-        return [memoryview(self._views[c.name][slot]).cast("B") for c in self.shape.components]
+    def buffers(self, slot: int) -> SlotBuffers:
+        """``slot``'s component buffers (slot memory) in block order; ``.read(fill)`` fills them."""
+        return SlotBuffers(self, slot)
 
 
 @dataclass
@@ -118,8 +193,26 @@ class ExpertCache:
             shape: _PoolState(SlotPool(shape, n), cachetools.LRUCache(maxsize=n), list(range(n)))
             for shape, n in self.slots_per_shape.items()
         }
+        self._experts_per_shape: Counter = Counter()
+        for layer, shape in layer_shapes.items():
+            self._experts_per_shape[shape] += layer_experts[layer]
         self._pins: Counter = Counter()  # (shape, slot) -> pin count
         self.evictions = 0  # committed experts dropped to make room
+        self.generation = 0  # changes whenever an expert enters or leaves a slot
+
+    @property
+    def all_resident(self) -> bool:
+        """Every expert of every layer is committed to a slot. Then nothing can miss, so nothing is ever
+        evicted or refilled again: slots are fixed and a graph may read them unpinned and unevaluated."""
+        return all(len(st.lru) == self._experts_per_shape[shape] for shape, st in self._pools.items())
+
+    def slot_table(self, layer: int, num_experts: int) -> np.ndarray:
+        """expert -> slot of ``layer`` (int32, -1 where not cached), without touching LRU order."""
+        table = np.full(num_experts, -1, dtype=np.int32)
+        for (l, e), slot in self._pools[self._pool_of_layer[layer]].lru.items():
+            if l == layer:
+                table[e] = slot
+        return table
 
     @property
     def capacity_bytes(self) -> int:
@@ -161,6 +254,7 @@ class ExpertCache:
                     skipped.append((key, slot))
                     continue
                 self.evictions += 1
+                self.generation += 1
                 return slot
             raise CacheFullError(
                 f"all {state.pool.slots} expert slots are in use by the current step; "
@@ -173,12 +267,14 @@ class ExpertCache:
     def commit(self, layer: int, expert: int, slot: int) -> None:
         """Records that ``slot`` now holds (layer, expert). The slot stays pinned until ``unpin``."""
         self._pools[self._pool_of_layer[layer]].lru[(layer, expert)] = slot
+        self.generation += 1
 
     def abort(self, layer: int, slot: int) -> None:
         """Returns a slot whose fill failed to the free list."""
         shape = self._pool_of_layer[layer]
         self._unpin_one(shape, slot)
         self._pools[shape].free.append(slot)
+        self.generation += 1
 
     def pin(self, layer: int, slots: Iterable[int]) -> None:
         shape = self._pool_of_layer[layer]
@@ -242,6 +338,8 @@ def plan_slots(
     return plan
 
 
-def block_shape(components: Sequence[tuple[str, str, Sequence[int]]]) -> BlockShape:
-    """Builds a BlockShape from (name, dtype, shape) triples."""
-    return BlockShape(tuple(Component(n, d, tuple(s)) for n, d, s in components))
+def block_shape(
+    components: Sequence[tuple[str, str, Sequence[int]]], activation: mx.Dtype | None = None
+) -> BlockShape:
+    """Builds a BlockShape from (name, stored dtype, shape) triples; floats held as ``slot_dtype`` says."""
+    return BlockShape(tuple(Component(n, d, tuple(s), slot_dtype(d, activation)) for n, d, s in components))

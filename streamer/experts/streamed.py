@@ -12,6 +12,13 @@ ReaderPool (when to read) — and ``StreamedExperts`` is one layer's ``experts(x
 When one step routes to more distinct experts than the pool has slots (long prefill chunks on a
 small cache), the experts are processed in batches that fit; memory stays within the budget.
 
+**All cached.** Once every expert of the model is in a slot (a cache as big as the model, preloaded or
+warmed up), nothing can miss and no slot is ever refilled, so steps 1, 2 and 4 are skipped: slot ids are
+looked up on the device (``slot_of[indices]``, a per-layer int32 table) and the layer's output stays an
+unevaluated graph, like the resident model's. The whole token is then evaluated once, where its logits are
+sampled, instead of one host round trip per layer. Hits are still counted (device scalars, summed when the
+stats are read). ``on_route`` (--trace) needs the ids on the host, so a traced run keeps the host path.
+
 Names: M = token-expert pairs, U = distinct experts in a step, K = experts per token, H = hidden.
 """
 
@@ -66,11 +73,13 @@ class StreamedExperts:
         self.predictor = predictor
         self.top_k = top_k
         entry = runtime.layer_entry(layer)
-        arrays = runtime.cache.pool(layer).arrays
-        self._proj = [_PoolProjection(arrays, entry, n) for n in ("gate_proj", "up_proj", "down_proj")]
-        self._capacity = runtime.cache.pool(layer).slots
+        pool = runtime.cache.pool(layer)
+        self._proj = [_PoolProjection(pool.arrays, entry, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        self._capacity = pool.slots
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        if self.runtime.on_route is None and self.runtime.all_cached():
+            return self._all_cached(x, indices)
         guess = self._guess_next(x)
         if guess is not None:
             mx.eval(indices, guess)  # one sync for both
@@ -88,6 +97,16 @@ class StreamedExperts:
         finally:
             self.runtime.release(self.layer, slots)
         return y
+
+    def _all_cached(self, x: mx.array, indices: mx.array) -> mx.array:
+        """Every expert is in a fixed slot: a lazy graph, no host round trip, no pins."""
+        slot_ids = self.runtime.slot_table(self.layer)[indices]
+        if x.size == x.shape[-1]:  # one token: its top-k are distinct
+            self.runtime.count_hits(indices.shape[-1])
+        else:
+            seen = mx.zeros(self.runtime.layer_entry(self.layer).num_experts, dtype=mx.int32)
+            self.runtime.count_hits((seen.at[indices.reshape(-1)].add(1) > 0).sum())
+        return switch_glu(x, slot_ids, *self._proj)
 
     def _guess_next(self, x: mx.array) -> mx.array | None:
         if self.predictor is None or self.runtime.prefetch_mode != "predict" or x.size != x.shape[-1]:

@@ -149,6 +149,11 @@ def assign_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dty
 def _cast(name: str, w: mx.array, dtype: mx.Dtype) -> mx.array:
     if not mx.issubdtype(w.dtype, mx.floating) or name.endswith("A_log"):
         return w  # packed weights; A_log stays float32 as mlx-lm keeps it
+    if ".switch_mlp." in name:
+        # Routed experts (scales, biases, unquantized weights) are held in the dtype the kernels compute
+        # in, as the streamed slots are (see experts/expert_cache.py): gather_qmm / gather_mm otherwise
+        # convert the whole stacked tensor on every call. Widening is exact; narrowing never happens.
+        return w.astype(mx.result_type(w.dtype, dtype))
     if name.endswith((".scales", ".biases")) and w.dtype.size < dtype.size:
         return w  # the quantized kernels widen narrower scales exactly; keeping them saves memory
     return w.astype(dtype)
