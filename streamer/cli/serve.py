@@ -63,11 +63,18 @@ from streamer.serve.http import ServeConfig, start_server
     show_default=True,
     help="Most snapshots kept (least recently used go first).",
 )
+@click.option(
+    "--cors",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let browser pages from ORIGIN (e.g. http://localhost:3000; repeatable; * for any) call the API.",
+)
 @sampling_options(" Default for requests that do not set it (else the model's recommendation).")
 @with_runtime
 def serve(
     model, host, port, api_key, model_names, any_model, think, max_tokens, context_length,
-    prefix_cache_gb, prefix_cache_entries, sampling_overrides, runtime, resident,
+    prefix_cache_gb, prefix_cache_entries, cors_origins, sampling_overrides, runtime, resident,
 ):  # fmt: skip
     """Serve MODEL over HTTP with the OpenAI and Anthropic APIs (the demo model when omitted).
 
@@ -89,6 +96,7 @@ def serve(
         sampling_overrides={k: v for k, v in sampling_overrides.items() if v is not None},
         prefix_cache_bytes=int(prefix_cache_gb * 1e9),
         prefix_cache_entries=prefix_cache_entries,
+        cors_origins=tuple(cors_origins),
     )
     if not api_key and not _is_loopback(host):
         click.echo(

@@ -54,7 +54,9 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         ctx,
         f,
         prompt.ids,
-        completion_budget(ctx.settings, len(prompt.ids), max_tokens, "max_tokens"),
+        completion_budget(
+            ctx.settings, len(prompt.ids), max_tokens, "max_tokens", "messages", anthropic=True
+        ),
         thinking=prompt.thinking,
         stop_param="stop_sequences",
         snapshot_at=() if prompt.boundary is None else (prompt.boundary,),
@@ -78,10 +80,39 @@ def _prompt(f: Fields, ctx: ApiContext) -> tuple[Prompt, list[dict] | None]:
     if not history:
         raise ApiError(400, "messages must not be empty", param="messages")
     tools = _tools(f.get("tools", list))
-    if Fields(f.get("tool_choice", dict, {})).get("type", str) == "none":
+    if _tool_choice(f, tools) == "none":
         tools = None
     ctx.memory.fill(history)
     return render_chat(ctx.tokenizer, history, tools, _thinking(f, ctx.settings.thinking)), tools
+
+
+_NOT_YET = "is not supported yet (it needs constrained decoding, which this server does not have)"
+
+
+def _tool_choice(f: Fields, tools: list[dict] | None) -> str:
+    """The request's tool_choice type, checked: 'auto' or 'none' (forcing a call cannot be enforced yet)."""
+    choice = Fields(f.get("tool_choice", dict, {"type": "auto"}), "tool_choice")
+    kind = choice.get("type", str, required=True)
+    if kind not in ("auto", "any", "tool", "none"):
+        raise ApiError(
+            400,
+            f"tool_choice.type must be 'auto', 'any', 'tool' or 'none', got {kind!r}",
+            param="tool_choice",
+        )
+    choice.get("disable_parallel_tool_use", bool)
+    if kind == "tool":
+        name = choice.get("name", str)
+        names = [t["function"]["name"] for t in tools or []]
+        if name is None or name not in names:
+            raise ApiError(
+                400,
+                f"tool_choice {{'type': 'tool'}} needs the name of one of the tools "
+                f"({', '.join(map(repr, names)) or 'none given'}), got {name!r}",
+                param="tool_choice",
+            )
+    if kind in ("any", "tool"):
+        raise ApiError(400, f"tool_choice type {kind!r} {_NOT_YET}; use 'auto'", param="tool_choice")
+    return kind
 
 
 def _answer(head: dict, events) -> JsonResponse | None:
@@ -215,9 +246,15 @@ def _thinking(f: Fields, default: bool) -> bool:
 
 
 def _template_messages(m, where: str) -> list[dict]:
-    """One Anthropic message as template messages: tool results become ``tool`` messages."""
-    if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+    """One Anthropic message as template messages: tool results become ``tool`` messages.
+
+    A ``system`` role is not Anthropic's (it has the top-level ``system``), but clients translating
+    OpenAI conversations send it: it joins the system prompt (``render_chat`` merges them in order).
+    """
+    if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
         raise ApiError(400, f"{where} must be an object with role 'user' or 'assistant'", param=where)
+    if m["role"] == "system":
+        return [{"role": "system", "content": _text(m.get("content"), f"{where}.content")}]
     blocks = m.get("content")
     if isinstance(blocks, str):
         blocks = [{"type": "text", "text": blocks}]

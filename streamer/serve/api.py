@@ -28,12 +28,12 @@ from streamer.serve.worker import Failed, Finished, GenerationWorker, Job, Piece
 # Request sampling fields that may override the server's defaults: field name -> (type, low, high).
 SAMPLING_FIELDS = {
     "temperature": (float, 0.0, 2.0),
-    "top_p": (float, 0.0, 1.0),
+    "top_p": (float, 0.0, 1.0),  # 0 itself is refused below: nothing would be left to sample
     "top_k": (int, -1, None),
     "min_p": (float, 0.0, 1.0),
     "presence_penalty": (float, -2.0, 2.0),
     "repetition_penalty": (float, 0.0, None),
-    "seed": (int, 0, 2**64 - 1),
+    "seed": (int, -1, 2**64 - 1),  # -1: a random seed, as llama.cpp and vLLM read it
 }
 
 
@@ -41,10 +41,15 @@ class ApiError(Exception):
     """A request the server refuses; each API renders it in its own error JSON."""
 
     def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
 @dataclass
@@ -96,21 +101,28 @@ class ServeSettings:
 class Fields:
     """Typed access to a JSON request body: every wrong type or range is a 400 naming the field."""
 
-    def __init__(self, body):
+    def __init__(self, body, where: str | None = None):
+        """``where``: the request field this object is (errors then name it as their param)."""
         if not isinstance(body, dict):
+            if where is not None:
+                raise ApiError(400, f"{where} must be an object, got {_json_type(body)}", param=where)
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
-        self.body = body
+        self.body, self.where = body, where
+
+    def _error(self, name: str, message: str) -> ApiError:
+        full = f"{self.where}.{name}" if self.where else name
+        return ApiError(400, full + message, param=self.where or name)
 
     def get(self, name: str, types: type | tuple, default=None, required: bool = False):
         value = self.body.get(name)
         if value is None:
             if required:
-                raise ApiError(400, f"{name} is required", param=name)
+                raise self._error(name, " is required")
             return default
         bad_bool = isinstance(value, bool) and bool not in _as_tuple(types)  # True is an int in Python
         if bad_bool or not isinstance(value, types):
             names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in _as_tuple(types))
-            raise ApiError(400, f"{name} must be {names}, got {_json_type(value)}", param=name)
+            raise self._error(name, f" must be {names}, got {_json_type(value)}")
         return value
 
     def number(self, name: str, low: float | None = None, high: float | None = None, integer: bool = False):
@@ -120,7 +132,7 @@ class Fields:
         finite = not isinstance(value, float) or math.isfinite(value)  # JSON allows NaN and 1e999
         if not finite or (low is not None and value < low) or (high is not None and value > high):
             bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-            raise ApiError(400, f"{name} must be in {bounds}, got {value}", param=name)
+            raise self._error(name, f" must be in {bounds}, got {value}")
         return value
 
     def flag(self, name: str, default: bool = False) -> bool:
@@ -140,6 +152,12 @@ class Fields:
             value = self.number(name, low, high, integer=kind is int)
             if value is not None:
                 out[name] = kind(value)
+        if out.get("top_p") == 0:
+            raise ApiError(
+                400, "top_p must be in (0, 1], got 0 (it would leave no token to sample)", param="top_p"
+            )
+        if out.get("seed") == -1:
+            out["seed"] = None  # a fresh random seed
         return out
 
 
@@ -168,11 +186,27 @@ class Prompt:
     thinking: bool  # the answer starts inside a <think> block
 
 
+def merge_system(messages: list[dict]) -> list[dict]:
+    """``messages`` with every system message (OpenAI's developer role maps onto it) moved into one leading
+    system message: their texts in order, joined by a blank line; empty ones dropped.
+
+    The Qwen3.5 template accepts one system message and only as the first; clients send more (LangChain,
+    several system prompts) or put one later (pydantic-ai's retry instructions). This is what vLLM's and
+    llama.cpp's handling of such templates amounts to, and keeps every instruction in front of the model.
+    """
+    systems = [m for m in messages if m["role"] == "system"]
+    if not systems or (len(systems) == 1 and messages[0] is systems[0]):
+        return messages
+    text = "\n\n".join(t for m in systems if (t := m.get("content") or ""))
+    return [{"role": "system", "content": text}, *(m for m in messages if m["role"] != "system")]
+
+
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None, thinking: bool) -> Prompt:
     """The prompt ids for template-form messages, with the snapshot boundary before the new answer.
 
     A final assistant message is a prefill: the answer continues its text (with thinking off).
     """
+    messages = merge_system(messages)
     continuing = messages and messages[-1].get("role") == "assistant"
     try:
         if continuing:
@@ -216,25 +250,54 @@ def make_job(
     )
 
 
-def completion_budget(settings: ServeSettings, prompt_tokens: int, requested: int | None, param: str) -> int:
-    """max_tokens for a request: what it asked for, or the server default, within the context length."""
+def completion_budget(
+    settings: ServeSettings,
+    prompt_tokens: int,
+    requested: int | None,
+    param: str,
+    prompt_param: str = "messages",
+    anthropic: bool = False,
+) -> int:
+    """max_tokens for a request: what it asked for, or the server default, within the context length.
+
+    Too long is a 400 in the API's own words: OpenAI's code ``context_length_exceeded`` (param: the
+    prompt's field), Anthropic's "prompt is too long: N tokens > M maximum".
+    """
     room = settings.context_length - prompt_tokens
     if requested is None:
         if room < 1:
-            raise _too_long(settings, prompt_tokens, 1, param)
+            raise _too_long(settings, prompt_tokens, 1, param, prompt_param, anthropic)
         return min(settings.default_max_tokens, room)
     if requested > room:
-        raise _too_long(settings, prompt_tokens, requested, param)
+        raise _too_long(settings, prompt_tokens, requested, param, prompt_param, anthropic)
     return requested
 
 
-def _too_long(settings: ServeSettings, prompt_tokens: int, completion: int, param: str) -> ApiError:
+def _too_long(
+    settings: ServeSettings,
+    prompt_tokens: int,
+    completion: int,
+    param: str,
+    prompt_param: str,
+    anthropic: bool,
+) -> ApiError:
+    limit = settings.context_length
+    if anthropic:
+        if prompt_tokens >= limit:
+            message = f"prompt is too long: {prompt_tokens} tokens > {limit - 1} maximum"
+        else:
+            message = (
+                f"input length and `{param}` exceed context limit: {prompt_tokens} + {completion} > {limit}, "
+                f"decrease input length or `{param}` and try again"
+            )
+        return ApiError(400, message, param=prompt_param)
     return ApiError(
         400,
-        f"this model's maximum context length is {settings.context_length} tokens, but the request "
-        f"needs {prompt_tokens + completion} ({prompt_tokens} in the prompt, {completion} for the "
-        f"completion); shorten the prompt or lower {param}",
-        param=param,
+        f"this model's maximum context length is {limit} tokens, but the request "
+        f"needs {prompt_tokens + completion} ({prompt_tokens} in the {prompt_param}, {completion} for the "
+        f"completion); shorten the {prompt_param} or lower {param}",
+        param=prompt_param,
+        code="context_length_exceeded",
     )
 
 

@@ -3,7 +3,10 @@
 Handler threads parse and tokenize requests, then hand a ``Job`` to the one generation thread
 (``server_worker``) and relay its events; nothing here builds an MLX graph. Every refusal is the
 API's own error JSON with a 4xx status (Anthropic's shape under /v1/messages, OpenAI's elsewhere).
-Streams use chunked transfer encoding, so connections stay open for the next request.
+Streams use chunked transfer encoding, so connections stay open for the next request (HTTP/1.0 clients,
+which cannot read chunks, get a body that ends when the connection closes). HEAD answers like GET without
+the body. With ``--cors ORIGIN`` browsers on that origin may call the API: responses carry
+Access-Control-Allow-Origin and OPTIONS preflights get a 204; without it there are no CORS headers at all.
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ class ServeConfig:
     sampling_overrides: dict = field(default_factory=dict)
     prefix_cache_bytes: int = 2 * 10**9
     prefix_cache_entries: int = 32
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; "*" for any
+
+
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta, "
+    "anthropic-dangerous-direct-browser-access, OpenAI-Organization, OpenAI-Project, OpenAI-Beta, "
+    "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, X-Stainless-Runtime, "
+    "X-Stainless-Runtime-Version, X-Stainless-Retry-Count, X-Stainless-Timeout, X-Stainless-Helper-Method"
+)
+CORS_ALLOW_METHODS = "GET, POST, HEAD, OPTIONS"
 
 
 def _routes() -> dict[tuple[str, str], Callable]:
@@ -69,8 +82,11 @@ def _routes() -> dict[tuple[str, str], Callable]:
 class App:
     """Routes requests to the API modules; shared by every handler thread."""
 
-    def __init__(self, settings: ServeSettings, tokenizer, worker: GenerationWorker):
+    def __init__(
+        self, settings: ServeSettings, tokenizer, worker: GenerationWorker, cors_origins: tuple[str, ...] = ()
+    ):
         self.settings, self.tokenizer, self.worker = settings, tokenizer, worker
+        self.cors_origins = tuple(cors_origins)
         self.routes = _routes()
         self.started = int(time.time())
         self.memory = ReasoningMemory()
@@ -82,6 +98,14 @@ class App:
         bearer = headers.get("Authorization", "")
         offered = bearer[7:].strip() if bearer[:7].lower() == "bearer " else headers.get("x-api-key", "")
         return hmac.compare_digest(offered.encode(), key.encode())
+
+    def cors_origin(self, origin: str | None) -> str | None:
+        """The Access-Control-Allow-Origin value for a request from ``origin``; None: no CORS headers."""
+        if not origin or not self.cors_origins:
+            return None
+        if "*" in self.cors_origins:
+            return "*"
+        return origin if origin.rstrip("/") in (o.rstrip("/") for o in self.cors_origins) else None
 
     def route(self, method: str, path: str, body, ctx: ApiContext):
         handler = self.routes.get((method, path))
@@ -109,6 +133,24 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._handle("GET")
 
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        app: App = self.server.app
+        allowed = app.cors_origin(self.headers.get("Origin"))
+        if allowed is None or not self.headers.get("Access-Control-Request-Method"):
+            self._refuse()  # not a CORS preflight this server accepts: a JSON 404/405 as for other methods
+            return
+        requested = self.headers.get("Access-Control-Request-Headers")
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
+        # Echoing what the browser asks for lets through every client library's own headers too.
+        self.send_header("Access-Control-Allow-Headers", requested or CORS_ALLOW_HEADERS)
+        self.send_header("Access-Control-Max-Age", "86400")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_POST(self) -> None:
         self._handle("POST")
 
@@ -117,7 +159,16 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._handle(self.command)
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+    do_PUT = do_DELETE = do_PATCH = _refuse
+
+    def end_headers(self) -> None:
+        headers = getattr(self, "headers", None)  # absent when the request line itself was bad
+        allowed = self.server.app.cors_origin(headers.get("Origin")) if headers else None
+        if allowed is not None:
+            self.send_header("Access-Control-Allow-Origin", allowed)
+            if allowed != "*":
+                self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def log_message(self, fmt: str, *args) -> None:
         log.info("%s %s", self.address_string(), fmt % args)
@@ -131,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
             if path != "/health" and not app.authorized(self.headers):
                 raise ApiError(401, _AUTH_HINT, kind="authentication_error")
             ctx = ApiContext(app.settings, app.tokenizer, app.worker, self._client_gone, app.memory)
-            result = app.route(method, path, body, ctx)
+            result = app.route("GET" if method == "HEAD" else method, path, body, ctx)
         except ApiError as e:
             self._send_error(e, anthropic)
             return
@@ -144,7 +195,7 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(result, EventStream):
             self._send_stream(result)
         elif isinstance(result, JsonResponse):
-            self._send_json(result.status, result.body)
+            self._send_json(result.status, result.body, head=method == "HEAD")
         else:  # the client left before its answer was ready
             self.close_connection = True
 
@@ -193,26 +244,33 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, e: ApiError, anthropic: bool) -> None:
         body = api_anthropic.error_body(e) if anthropic else api_openai.error_body(e)
-        self._send_json(e.status, body)
+        self._send_json(e.status, body, head=self.command == "HEAD")
 
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, head: bool = False) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if not head:
+                self.wfile.write(data)
         except OSError:
             self.close_connection = True
 
     def _send_stream(self, stream: EventStream) -> None:
         events = stream.events
+        # An HTTP/1.0 client cannot read chunks: its body is the raw stream, ended by closing.
+        self._chunked = self.request_version != "HTTP/1.0"
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
+            if self._chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+                self.send_header("Connection", "close")
             self.end_headers()
             for name, data in events:
                 if data is None:  # a keep-alive comment while nothing happens (queued, long prefill)
@@ -231,6 +289,11 @@ class Handler(BaseHTTPRequestHandler):
             events.close()
 
     def _write_chunk(self, data: bytes) -> None:
+        if not self._chunked:
+            if data:
+                self.wfile.write(data)
+                self.wfile.flush()
+            return
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
@@ -305,7 +368,8 @@ def start_server(load: Callable, config: ServeConfig, scripted: ScriptedModel | 
     engine = worker.engine
     try:
         settings = _settings(config, engine)
-        httpd = _HTTPServer((config.host, config.port), App(settings, engine.tokenizer, worker))
+        app = App(settings, engine.tokenizer, worker, config.cors_origins)
+        httpd = _HTTPServer((config.host, config.port), app)
     except OSError as e:
         worker.close()
         raise ConfigError(

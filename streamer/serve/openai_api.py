@@ -32,7 +32,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 
 def error_body(e: ApiError) -> dict:
-    code = "model_not_found" if e.kind == "not_found_error" and e.param == "model" else None
+    code = e.code or ("model_not_found" if e.kind == "not_found_error" and e.param == "model" else None)
     return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": code}}
 
 
@@ -46,21 +46,21 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     """Handles POST /v1/chat/completions; None when the client went away before the answer."""
     f = Fields(body)
     model = ctx.settings.check_model(body.get("model"))
-    if f.number("n", 1, 1, integer=True) not in (None, 1):
-        raise ApiError(400, "n > 1 is not supported", param="n")
-    if f.get("logprobs", bool, False):
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    _check_n(f)
     messages = [_template_message(m, i) for i, m in enumerate(f.get("messages", list, required=True))]
     if not messages:
         raise ApiError(400, "messages must not be empty", param="messages")
     tools = _tools(f.get("tools", list))
-    if f.get("tool_choice", (str, dict), "auto") == "none":
+    if _tool_choice(f, tools) == "none":
         tools = None
+    _response_format(f)
     thinking = _thinking(f, ctx.settings.thinking)
     ctx.memory.fill(messages)
     prompt = render_chat(ctx.tokenizer, messages, tools, thinking)
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    budget = completion_budget(ctx.settings, len(prompt.ids), f.number(param, 1, integer=True), param)
+    budget = completion_budget(
+        ctx.settings, len(prompt.ids), f.number(param, 1, integer=True), param, "messages"
+    )
     include_usage = _include_usage(f)
     cid = make_id("chatcmpl-")
     snapshot_at = () if prompt.boundary is None else (prompt.boundary,)
@@ -139,10 +139,10 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     model = ctx.settings.check_model(body.get("model"))
     if f.flag("echo"):
         raise ApiError(400, "echo is not supported", param="echo")
-    if f.number("n", 1, 1, integer=True) not in (None, 1):
-        raise ApiError(400, "n > 1 is not supported", param="n")
+    _check_n(f)
     ids = _prompt_ids(f.get("prompt", (str, list), required=True), ctx.tokenizer)
-    budget = completion_budget(ctx.settings, len(ids), f.number("max_tokens", 1, integer=True), "max_tokens")
+    max_tokens = f.number("max_tokens", 1, integer=True)
+    budget = completion_budget(ctx.settings, len(ids), max_tokens, "max_tokens", "prompt")
     include_usage = _include_usage(f)
     cid = make_id("cmpl-")
     # A snapshot before the last token lets the same prompt, sent again, skip all but one token.
@@ -206,8 +206,61 @@ def _tool_call_json(call) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
+def _check_n(f: Fields) -> None:
+    n = f.number("n", 1, integer=True)
+    if n not in (None, 1):
+        raise ApiError(
+            400,
+            f"n must be 1, got {n}: this server writes one answer per request (no batched sampling yet); "
+            "send n separate requests instead",
+            param="n",
+        )
+
+
+_NOT_YET = "is not supported yet (it needs constrained decoding, which this server does not have)"
+
+
+def _tool_choice(f: Fields, tools: list[dict] | None) -> str:
+    """The request's tool_choice, checked: 'none' or 'auto' (forcing a call cannot be enforced yet)."""
+    choice = f.get("tool_choice", (str, dict), "auto")
+    if choice in ("none", "auto"):
+        return choice
+    if choice == "required":
+        raise ApiError(400, f"tool_choice 'required' {_NOT_YET}; use 'auto'", param="tool_choice")
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(
+            400,
+            "tool_choice must be 'none', 'auto', 'required' or "
+            "{'type': 'function', 'function': {'name': NAME}}",
+            param="tool_choice",
+        )
+    names = [t["function"]["name"] for t in tools or []]
+    if fn["name"] not in names:
+        raise ApiError(
+            400,
+            f"tool_choice names function {fn['name']!r}, which is not among the tools "
+            f"({', '.join(map(repr, names)) or 'none given'})",
+            param="tool_choice",
+        )
+    raise ApiError(400, f"tool_choice naming a function {_NOT_YET}; use 'auto'", param="tool_choice")
+
+
+def _response_format(f: Fields) -> None:
+    """Only plain text: JSON modes need constrained decoding, and are refused rather than ignored."""
+    kind = Fields(f.get("response_format", dict, {}), "response_format").get("type", str, "text")
+    if kind in ("json_object", "json_schema"):
+        raise ApiError(400, f"response_format {kind!r} {_NOT_YET}; use 'text'", param="response_format")
+    if kind != "text":
+        raise ApiError(
+            400,
+            f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+            param="response_format",
+        )
+
+
 def _include_usage(f: Fields) -> bool:
-    options = Fields(f.get("stream_options", dict, {}))
+    options = Fields(f.get("stream_options", dict, {}), "stream_options")
     return options.flag("include_usage")
 
 

@@ -1,0 +1,351 @@
+"""What the clients people use send to `streamer serve` (litellm, LangChain, pydantic-ai, browser UIs, the
+official SDKs): system messages anywhere, tool_choice and response_format values, logprobs, long prompts,
+CORS, HEAD and HTTP/1.0, through the official clients or raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+import anthropic
+import openai
+import pytest
+
+from tests.serve.helpers import CALL, WEATHER_TOOL, anth, oai, raw, setting
+
+OFF = {"chat_template_kwargs": {"enable_thinking": False}}
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _post(s, path: str, body: dict) -> tuple[int, dict]:
+    return raw(s, "POST", path, json.dumps({"model": "tiny", **body}).encode())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# System messages
+
+
+def test_system_and_developer_messages_anywhere_are_merged_in_order(scripted):
+    scripted.script.pieces = ["ok"]
+    r = oai(scripted).chat.completions.create(
+        model="tiny",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "developer", "content": "Answer in French."},
+            {"role": "assistant", "content": "salut"},
+            {"role": "system", "content": [{"type": "text", "text": "Retry: use JSON."}]},
+            {"role": "user", "content": "again"},
+        ],
+        extra_body=OFF,
+    )
+    assert r.choices[0].message.content == "ok"
+    prompt = scripted.script.prompts[-1]
+    assert prompt.startswith(
+        "<|im_start|>system\nBe brief.\n\nAnswer in French.\n\nRetry: use JSON.<|im_end|>"
+    )
+    assert prompt.count("<|im_start|>system") == 1 and prompt.index("salut") < prompt.index("again")
+
+    # Anthropic: the top-level system first, then system-role messages some clients send.
+    scripted.script.pieces = ["fine"]
+    m = anth(scripted).messages.create(
+        model="tiny",
+        max_tokens=5,
+        system=[{"type": "text", "text": "Top."}],
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": "Later."},
+            {"role": "user", "content": "more"},
+        ],
+        thinking={"type": "disabled"},
+    )
+    assert m.content[0].text == "fine"
+    prompt = scripted.script.prompts[-1]
+    assert prompt.startswith("<|im_start|>system\nTop.\n\nLater.<|im_end|>") and prompt.count("system") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tool_choice, response_format, n
+
+
+def test_openai_tool_choice_values(scripted):
+    scripted.script.pieces = [CALL]
+    client = oai(scripted)
+    for choice in ("auto", None):
+        r = client.chat.completions.create(
+            model="tiny", messages=USER, tools=[WEATHER_TOOL], extra_body=OFF,
+            **({"tool_choice": choice} if choice else {}),
+        )  # fmt: skip
+        assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    scripted.script.pieces = ["plain"]
+    client.chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER_TOOL], tool_choice="none", extra_body=OFF
+    )
+    assert "get_weather" not in scripted.script.prompts[-1]  # "none": the tools are not shown
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, words in [
+        ("required", "tool_choice 'required' is not supported yet"),
+        (named, "naming a function is not supported yet"),
+        ({"type": "function", "function": {"name": "nope"}}, "not among the tools ('get_weather')"),
+        ("sometimes", "tool_choice must be"),
+        ({"type": "function"}, "tool_choice must be"),
+        ({"type": "allowed_tools"}, "tool_choice must be"),
+        (5, "tool_choice must be a string or an object"),
+    ]:
+        status, body = _post(
+            scripted,
+            "/v1/chat/completions",
+            {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": choice},
+        )
+        assert status == 400 and words in body["error"]["message"], (choice, body)
+        assert body["error"]["param"] == "tool_choice" and body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="use 'auto'"):
+        client.chat.completions.create(
+            model="tiny", messages=USER, tools=[WEATHER_TOOL], tool_choice="required"
+        )
+
+
+def test_anthropic_tool_choice_values(scripted):
+    tool = {"name": "get_weather", "description": "w", "input_schema": {"type": "object"}}
+    scripted.script.pieces = ["plain"]
+    client = anth(scripted)
+    for choice in ({"type": "auto"}, {"type": "auto", "disable_parallel_tool_use": True}, {"type": "none"}):
+        m = client.messages.create(
+            model="tiny",
+            max_tokens=5,
+            messages=USER,
+            tools=[tool],
+            tool_choice=choice,
+            thinking={"type": "disabled"},
+        )
+        assert m.content[-1].text == "plain"
+        assert ("get_weather" in scripted.script.prompts[-1]) == (choice["type"] == "auto")
+    for choice, words in [
+        ({"type": "any"}, "tool_choice type 'any' is not supported yet"),
+        ({"type": "tool", "name": "get_weather"}, "tool_choice type 'tool' is not supported yet"),
+        ({"type": "tool", "name": "other"}, "needs the name of one of the tools ('get_weather')"),
+        ({"type": "tool"}, "needs the name"),
+        ({"type": "whatever"}, "tool_choice.type must be"),
+        ({}, "tool_choice.type is required"),
+        ("auto", "tool_choice must be an object"),
+    ]:
+        status, body = _post(
+            scripted,
+            "/v1/messages",
+            {"max_tokens": 5, "messages": USER, "tools": [tool], "tool_choice": choice},
+        )
+        assert status == 400 and words in body["error"]["message"], (choice, body)
+        assert body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError, match="use 'auto'"):
+        client.messages.create(
+            model="tiny", max_tokens=5, messages=USER, tools=[tool], tool_choice={"type": "any"}
+        )
+
+
+def test_response_format(scripted):
+    scripted.script.pieces = ["text"]
+    r = oai(scripted).chat.completions.create(
+        model="tiny", messages=USER, response_format={"type": "text"}, extra_body=OFF
+    )
+    assert r.choices[0].message.content == "text"
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True},
+    }
+    for fmt, words in [
+        ({"type": "json_object"}, "response_format 'json_object' is not supported yet"),
+        (schema, "response_format 'json_schema' is not supported yet"),
+        ({"type": "yaml"}, "response_format.type must be"),
+        ({}, None),
+        ("json", "response_format must be an object"),
+    ]:
+        status, body = _post(
+            scripted, "/v1/chat/completions", {"messages": USER, "response_format": fmt, **OFF}
+        )
+        if words is None:
+            assert status == 200, body
+            continue
+        assert status == 400 and words in body["error"]["message"], (fmt, body)
+        assert body["error"]["param"] == "response_format"
+
+
+def test_n_above_one_says_why(scripted):
+    for path, body in [("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "x"})]:
+        status, err = _post(scripted, path, {**body, "n": 3})
+        assert status == 400 and err["error"]["param"] == "n"
+        assert "n must be 1, got 3" in err["error"]["message"] and "batch" in err["error"]["message"]
+    assert _post(scripted, "/v1/completions", {"prompt": "x", "n": 1})[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling fields and long prompts
+
+
+def test_seed_minus_one_is_random_and_top_p_zero_names_its_param(scripted):
+    scripted.script.pieces = ["ok"]
+    status, body = _post(scripted, "/v1/chat/completions", {"messages": USER, "seed": -1, "temperature": 1})
+    assert status == 200, body
+    assert scripted.httpd.app.settings.sampling(False, {"seed": None}).seed is None
+    status, body = _post(scripted, "/v1/messages", {"messages": USER, "max_tokens": 3, "seed": -1})
+    assert status == 200, body
+    for seed in (-2, 2**64):
+        assert (
+            _post(scripted, "/v1/completions", {"prompt": "x", "seed": seed})[1]["error"]["param"] == "seed"
+        )
+    for path, body in [
+        ("/v1/chat/completions", {"messages": USER}),
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/messages", {"messages": USER, "max_tokens": 3}),
+    ]:
+        status, err = _post(scripted, path, {**body, "top_p": 0})
+        assert status == 400 and "top_p" in err["error"]["message"], (path, err)
+        if "error" in err and "param" in err["error"]:
+            assert err["error"]["param"] == "top_p"
+
+
+def test_seed_minus_one_samples_afresh(server):
+    def ask(seed):
+        return oai(server).completions.create(
+            model="tiny", prompt="Hello", max_tokens=12, temperature=1.5, seed=seed,
+            extra_body={"ignore_eos": True},
+        ).choices[0].text  # fmt: skip
+
+    assert len({ask(-1) for _ in range(3)}) > 1  # a fixed seed would repeat itself
+
+
+def test_prompt_too_long_in_each_api_s_words(scripted):
+    long = [{"role": "user", "content": "word " * 100}]
+    with setting(scripted, context_length=64):
+        status, body = _post(scripted, "/v1/chat/completions", {"messages": long})
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+        assert body["error"]["param"] == "messages" and body["error"]["type"] == "invalid_request_error"
+        assert "maximum context length is 64 tokens" in body["error"]["message"]
+        status, body = _post(scripted, "/v1/chat/completions", {"messages": USER, "max_tokens": 60})
+        assert body["error"]["code"] == "context_length_exceeded" and body["error"]["param"] == "messages"
+        status, body = _post(scripted, "/v1/completions", {"prompt": "word " * 100})
+        assert body["error"]["code"] == "context_length_exceeded" and body["error"]["param"] == "prompt"
+        with pytest.raises(openai.BadRequestError) as e:
+            oai(scripted).chat.completions.create(model="tiny", messages=long)
+        assert e.value.code == "context_length_exceeded"
+
+        with pytest.raises(anthropic.BadRequestError, match=r"prompt is too long: \d+ tokens > 63 maximum"):
+            anth(scripted).messages.create(model="tiny", max_tokens=5, messages=long)
+        with pytest.raises(anthropic.BadRequestError, match=r"exceed context limit: \d+ \+ 60 > 64"):
+            anth(scripted).messages.create(model="tiny", max_tokens=60, messages=USER)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP: CORS, HEAD, HTTP/1.0
+
+
+def _exchange(s, request: bytes) -> tuple[bytes, bytes]:
+    """Sends raw bytes, reads until the server closes: (head, body)."""
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def _headers(s, method: str, path: str, headers: dict, body: bytes | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def test_cors_only_with_the_flag(scripted):
+    ui = {"Origin": "http://ui.example"}
+    preflight = {
+        **ui,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    }
+    status, headers, _ = _headers(scripted, "GET", "/v1/models", ui)
+    assert status == 200 and "access-control-allow-origin" not in headers
+    status, headers, data = _headers(scripted, "OPTIONS", "/v1/chat/completions", preflight)
+    assert status == 405 and "access-control-allow-origin" not in headers and json.loads(data)["error"]
+
+    app = scripted.httpd.app
+    app.cors_origins = ("http://ui.example",)
+    scripted.script.pieces = ["hi"]
+    try:
+        status, headers, data = _headers(scripted, "OPTIONS", "/v1/chat/completions", preflight)
+        assert status == 204 and data == b""
+        assert headers["access-control-allow-origin"] == "http://ui.example"
+        assert "POST" in headers["access-control-allow-methods"]
+        assert "authorization" in headers["access-control-allow-headers"].lower()
+        # Without the browser's list, the default one names what the official SDKs send.
+        status, headers, _ = _headers(
+            scripted, "OPTIONS", "/v1/messages", {**ui, "Access-Control-Request-Method": "POST"}
+        )
+        allowed = headers["access-control-allow-headers"].lower()
+        assert status == 204 and all(h in allowed for h in ("x-api-key", "anthropic-version", "content-type"))
+        for method, path, body in [
+            ("GET", "/v1/models", None),
+            ("POST", "/v1/chat/completions", json.dumps({"messages": USER, "stream": True, **OFF}).encode()),
+            ("POST", "/v1/messages", b"{bad json"),  # errors too, or the browser hides them
+        ]:
+            status, headers, _ = _headers(scripted, method, path, ui, body)
+            assert headers["access-control-allow-origin"] == "http://ui.example", (method, path, status)
+            assert headers["vary"] == "Origin"
+        with setting(scripted, api_key="k"):  # a preflight carries no key: it must still pass
+            assert _headers(scripted, "OPTIONS", "/v1/chat/completions", preflight)[0] == 204
+            status, headers, _ = _headers(scripted, "GET", "/v1/models", ui)
+            assert status == 401 and headers["access-control-allow-origin"] == "http://ui.example"
+        other = {"Origin": "http://evil.example"}
+        assert "access-control-allow-origin" not in _headers(scripted, "GET", "/v1/models", other)[1]
+        assert _headers(scripted, "OPTIONS", "/v1/models", {**preflight, **other})[0] == 405
+        app.cors_origins = ("*",)
+        assert _headers(scripted, "GET", "/health", other)[1]["access-control-allow-origin"] == "*"
+    finally:
+        app.cors_origins = ()
+
+
+def test_head_answers_like_get_without_a_body(scripted):
+    for path in ("/health", "/v1/models", "/v1/models/tiny", "/v1/stats"):
+        get_status, get_headers, get_body = _headers(scripted, "GET", path, {})
+        head, body = _exchange(
+            scripted, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert head.startswith(b"HTTP/1.1 200") and body == b"", (path, head, body)
+        assert b"Content-Type: application/json" in head
+        if path != "/v1/stats":  # its counters move
+            assert f"Content-Length: {len(get_body)}".encode() in head
+    head, body = _exchange(
+        scripted, b"HEAD /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 405") and body == b""
+    # Keep-alive after a HEAD: the next answer on the connection is intact.
+    conn = http.client.HTTPConnection("127.0.0.1", scripted.port, timeout=30)
+    conn.request("HEAD", "/v1/models")
+    assert conn.getresponse().read() == b""
+    conn.request("GET", "/health")
+    assert json.loads(conn.getresponse().read())["status"] == "ok"
+    conn.close()
+
+
+def test_http10_clients_get_no_chunked_encoding(scripted):
+    scripted.script.pieces = ["Hello", " there"]
+    body = json.dumps({"model": "tiny", "messages": USER, "stream": True, **OFF}).encode()
+    request = b"POST /v1/chat/completions HTTP/%s\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s"
+    head, data = _exchange(scripted, request % (b"1.0", len(body), b"", body))
+    assert b"200" in head.split(b"\r\n")[0] and b"chunked" not in head.lower(), head
+    assert data.startswith(b"data: {") and data.endswith(b"data: [DONE]\n\n"), data
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in data.decode().split("\n")
+        if line.startswith("data: {")
+    )
+    assert text == "Hello there"
+    # HTTP/1.1 still gets chunks (and a JSON answer to 1.0 has a Content-Length, as before).
+    head, data = _exchange(scripted, request % (b"1.1", len(body), b"Connection: close\r\n", body))
+    assert b"transfer-encoding: chunked" in head.lower()
+    status_body = json.dumps({"model": "tiny", "messages": USER, **OFF}).encode()
+    head, data = _exchange(scripted, request % (b"1.0", len(status_body), b"", status_body))
+    assert b"content-length" in head.lower() and json.loads(data)["choices"][0]["message"]["content"]
