@@ -28,6 +28,8 @@ class RuntimeConfig:
     threads: int = 8
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
     io_timeout_s: float = 60.0  # --io-timeout: the longest wait for one expert read
+    # --verify-reads: CRC-32 of every expert block read, against the manifest (DECISION: see below).
+    verify_reads: bool = True
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_experts is not None:

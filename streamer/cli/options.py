@@ -59,6 +59,13 @@ def runtime_options(command):
             help="Seconds one expert read may take before the request fails (a stalled or detached disk).",
         ),
         click.option(
+            "--verify-reads/--no-verify-reads",
+            default=True,
+            show_default=True,
+            help="Check every expert block read against the manifest's CRC-32: a damaged copy fails "
+            "the request instead of answering wrong.",
+        ),
+        click.option(
             "--dtype",
             type=click.Choice(["float32", "bfloat16", "float16"]),
             default=None,
@@ -83,6 +90,7 @@ def runtime_config(
     threads: int,
     dtype: str | None,
     io_timeout: float = 60.0,
+    verify_reads: bool = True,
 ) -> RuntimeConfig:
     """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
     if cache_gb is not None and not (cache_gb > 0 and math.isfinite(cache_gb)):
@@ -97,6 +105,7 @@ def runtime_config(
         threads=threads,
         dtype=dtype,
         io_timeout_s=io_timeout,
+        verify_reads=verify_reads,
     )
 
 
@@ -105,7 +114,8 @@ def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
     resident = kwargs.pop("resident")
     names = ("cache_gb", "cache_experts", "io_mode", "prefetch", "threads", "dtype")
     values = {n: kwargs.pop(n) for n in names}
-    return runtime_config(**values, io_timeout=kwargs.pop("io_timeout", 60.0)), resident
+    io = {"io_timeout": kwargs.pop("io_timeout", 60.0), "verify_reads": kwargs.pop("verify_reads", True)}
+    return runtime_config(**values, **io), resident
 
 
 def resolve_model(model: str | None, resident: bool = False) -> Path:

@@ -64,6 +64,32 @@ class _Bar:
         self.absolute(self._shown + n, self._bar.length)
 
 
+class _Phases:
+    """One progress bar per phase (a complete copy's re-check, then the repack), each opened when its
+    phase first reports, so a copy that needs no work shows no repack bar."""
+
+    def __init__(self):
+        self._bar: _Bar | None = None
+        self._label: str | None = None
+
+    def on(self, label: str):
+        def report(done: int, total: int) -> None:
+            if self._label != label:
+                self.__exit__(None, None, None)
+                self._bar, self._label = _Bar(label, total).__enter__(), label
+            self._bar.absolute(done, total)
+
+        return report
+
+    def __enter__(self) -> _Phases:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+            self._bar = None
+
+
 def layer_summaries(layers: Sequence[LayerEntry]) -> list[str]:
     """One line per run of consecutive layers with the same expert count, block size and quantization."""
 
@@ -96,6 +122,8 @@ def describe_plan(plan: RepackPlan) -> str:
         status = f"resume ({res}{len(journal.layers)} of {len(plan.layers)} layers already done)"
     elif status == "repair":
         status = "damaged: repack rewrites the damaged files"
+    elif status == "complete":
+        status = "complete: repack re-checks every checksum, then repairs what is damaged"
     probe = plan.dst
     while not probe.exists():
         probe = probe.parent
@@ -129,10 +157,12 @@ def repack(src: str, dst: Path | None, dry_run: bool) -> None:
         click.echo(describe_plan(plan))
         return
     click.echo(f"repacking {plan.source_name} -> {plan.dst} ({_size(plan.total_bytes)})", err=True)
-    with _Bar("repack", plan.total_bytes) as bar:
-        result = run_repack(plan, progress=bar.absolute)
+    with _Phases() as bars:
+        result = run_repack(plan, progress=bars.on("repack"), check_progress=bars.on("check"))
     if result.status == "already packed":
-        click.echo(f"already packed: {plan.dst} (streamer verify re-checks every byte)", err=True)
+        click.echo(
+            f"already packed: {plan.dst} (every checksum re-checked in {result.seconds:.1f} s)", err=True
+        )
         return
     rate = result.bytes_written / max(result.seconds, 1e-9)
     if result.status == "repaired":

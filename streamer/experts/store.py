@@ -8,6 +8,11 @@ Two I/O modes, a config value rather than a code fork:
   staging buffer and copied into the slot.
 
 Safe to call from several threads at once: reads are positional and staging buffers are per thread.
+
+With ``verify`` (``--verify-reads``, on by default) every component read is checked against the
+manifest's CRC-32 (formats/PACKED.md §4) on the reader thread, before the slot is published: a damaged
+copy fails its request naming file, layer, expert and component instead of silently answering wrong.
+Cost, measured by benchmarks/bench_verify_reads.py: see ``settings.RuntimeConfig.verify_reads``.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import mmap
 import os
 import sys
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 
 from streamer.errors import PackedFormatError, StreamerError
 from streamer.settings import IO_MODES
 from streamer.storage.files import read_into
-from streamer.storage.packed import PackedModel
+from streamer.storage.packed import PackedModel, repair_hint
 from streamer.storage.packed_format import LayerEntry
 
 _DIRECT_ALIGN = 4096
@@ -36,21 +42,33 @@ class ExpertReadTimeout(ExpertReadError):
     """An expert read did not finish within the I/O timeout (a stalled or detached disk)."""
 
 
+class ExpertChecksumError(ExpertReadError):
+    """An expert block's bytes do not match the manifest's CRC-32: the packed copy is damaged."""
+
+
 class ExpertStore:
     """Positional reads of expert blocks of one packed model.
 
     Args:
         packed: an opened packed model (its manifest gives every layer's block layout).
         io_mode: "buffered" or "direct".
+        verify: check each component read against the manifest's CRC-32 (``--verify-reads``).
         fault: test hook called as ``fault(layer, expert)`` before every read (may raise or sleep).
     """
 
-    def __init__(self, packed: PackedModel, io_mode: str = "buffered", fault: Callable | None = None):
+    def __init__(
+        self,
+        packed: PackedModel,
+        io_mode: str = "buffered",
+        fault: Callable | None = None,
+        verify: bool = True,
+    ):
         if io_mode not in IO_MODES:
             raise ValueError(f"io mode must be one of {', '.join(IO_MODES)}, got {io_mode!r}")
         self.packed = packed
         self.io_mode = io_mode
         self.fault = fault
+        self.verify = verify
         self._local = threading.local()
         self._fds = [self._open(packed.path / entry.file) for entry in packed.manifest.layers]
         self._scratch = bytearray(max(_max_gap(e) for e in packed.manifest.layers) or 1)
@@ -80,7 +98,8 @@ class ExpertStore:
             Bytes read from the file.
 
         Raises:
-            ExpertReadError: on an I/O error or a short read.
+            ExpertReadError: on an I/O error or a short read. ExpertChecksumError: (with ``verify``)
+                a component's bytes differ from the manifest's CRC-32.
         """
         entry = self.packed.manifest.layers[layer]
         offset = entry.block_offset(expert)
@@ -88,13 +107,29 @@ class ExpertStore:
             if self.fault is not None:
                 self.fault(layer, expert)
             if self.io_mode == "direct":
-                return self._read_direct(entry, layer, offset, buffers)
-            return self._read_buffered(entry, layer, offset, buffers)
+                n = self._read_direct(entry, layer, offset, buffers)
+            else:
+                n = self._read_buffered(entry, layer, offset, buffers)
         except OSError as e:
             raise ExpertReadError(
                 f"{self.packed.path / entry.file}: reading layer {layer} expert {expert} failed: "
                 f"{e.strerror or e}"
             ) from e
+        if self.verify:
+            self._check(entry, expert, buffers)
+        return n
+
+    def _check(self, entry: LayerEntry, expert: int, buffers: Sequence[memoryview]) -> None:
+        """Compares each component read with the manifest's CRC-32 (zlib releases the GIL meanwhile)."""
+        for c, buf, want in zip(entry.components, buffers, entry.crc32[expert], strict=True):
+            got = zlib.crc32(buf)
+            if got != want:
+                path, manifest = self.packed.path, self.packed.manifest
+                raise ExpertChecksumError(
+                    f"{path / entry.file}: layer {entry.layer} expert {expert} component {c.name}: "
+                    f"checksum mismatch (manifest {want:08x}, read {got:08x}): the packed copy is damaged; "
+                    f"{repair_hint(path, manifest)} (`streamer verify {path}` re-checks every byte)"
+                )
 
     def _read_buffered(self, entry: LayerEntry, layer: int, offset: int, buffers) -> int:
         iov, pos = [], 0

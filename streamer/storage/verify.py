@@ -101,7 +101,7 @@ def verify_packed(path: str | os.PathLike, progress: Progress | None = None) -> 
             raise PackedFormatError(f"{e}; {repair_hint(path, m, file)}") from None
 
     for name, meta in m.files.items():
-        check(path / name, lambda name=name, meta=meta: _verify_copied_file(path / name, meta, progress))
+        check(path / name, lambda name=name, meta=meta: verify_copied_file(path / name, meta, progress))
     check(
         path / RESIDENT_FILE,
         lambda: verify_resident_file(path / RESIDENT_FILE, m.resident_bytes, m.resident_crc32, progress),
@@ -111,7 +111,8 @@ def verify_packed(path: str | os.PathLike, progress: Progress | None = None) -> 
     return m
 
 
-def _verify_copied_file(file: Path, meta: dict, progress: Progress | None) -> None:
+def verify_copied_file(file: Path, meta: dict, progress: Progress | None = None) -> None:
+    """Checks a copied file (config, tokenizer, ...) against the manifest's size and CRC-32."""
     got = crc32_file(file, progress)
     if got != meta["crc32"]:
         raise PackedFormatError(f"{file}: checksum mismatch (manifest {meta['crc32']:08x}, file {got:08x})")
