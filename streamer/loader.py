@@ -88,6 +88,7 @@ def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
         threads=config.threads,
         io_timeout_s=config.io_timeout_s,
         prefetch=config.prefetch,
+        dtype=model.dtype,
         verify_reads=config.verify_reads,
     )
     try:

@@ -1,4 +1,8 @@
-"""The expert runtime: maps a layer's routed experts to cache slots, reading misses through the readers."""
+"""The expert runtime: maps a layer's routed experts to cache slots, reading misses through the readers.
+
+Slots hold float components in ``mx.result_type(activation dtype, stored dtype)`` (see expert_cache's
+module doc for why and what it costs); readers widen them once per read.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,16 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from streamer.experts.expert_cache import BlockShape, Component, ExpertCache
+import mlx.core as mx
+import numpy as np
+
+from streamer.experts.expert_cache import BlockShape, Component, ExpertCache, slot_dtype
 from streamer.experts.readahead import ReadAhead
 from streamer.experts.readers import ReaderPool
 from streamer.experts.store import ExpertReadTimeout, ExpertStore
+from streamer.models.load import default_dtype
 from streamer.storage.packed import PackedModel
 from streamer.storage.packed_format import LayerEntry
 
@@ -30,6 +38,8 @@ class StreamStats:
     predicted: int = 0  # experts guessed for the next layer (predict mode)
     predicted_right: int = 0  # ... that the next layer then routed to
     stall_s: float = 0.0
+    # Distinct-expert counts (device scalars) of multi-token all-cached steps, added to hits when read.
+    pending_hits: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.__init__()
@@ -57,22 +67,65 @@ class ExpertRuntime:
         io_timeout_s: float = 60.0,
         prefetch: str = "parallel",
         fault=None,
+        dtype: mx.Dtype | None = None,
         verify_reads: bool = True,
     ):
         self.packed = packed
         self.prefetch_mode = prefetch
         self.min_slots = min_slots
+        # Slots hold floats for the model's compute dtype (as the resident model's experts; see load._cast).
+        self.dtype = dtype or default_dtype()
         layers = packed.manifest.layers
-        shapes = {e.layer: block_shape_of(e) for e in layers}
+        shapes = {e.layer: block_shape_of(e, self.dtype) for e in layers}
         self.cache = ExpertCache(shapes, {e.layer: e.num_experts for e in layers}, cache_bytes, min_slots)
+        self._tables: dict[int, mx.array] = {}
+        self._tables_generation = -1
         self.store = ExpertStore(packed, io_mode, fault=fault, verify=verify_reads)
-        self.readers = ReaderPool(self.store.read_block, threads)
+        self.readers = ReaderPool(self._fill, threads)
         self.io_timeout_s = io_timeout_s
         self.stats = StreamStats()
         self._orphans: list[tuple[int, int, int, Future]] = []  # (layer, expert, slot, read) abandoned
         self.readahead = ReadAhead(self, reserve_slots=min_slots)
         # Called as on_route(layer, ids [tokens, K]) for every routing decision (for --trace).
         self.on_route = None
+
+    def _fill(self, layer: int, expert: int, buffers) -> int:
+        """Reader thread: reads (layer, expert) into a slot's buffers, widening components as held."""
+        if hasattr(buffers, "read"):
+            return buffers.read(lambda raw: self.store.read_block(layer, expert, raw))
+        return self.store.read_block(layer, expert, buffers)
+
+    def all_cached(self) -> bool:
+        """Every expert of the model is in a slot (and so stays there; see ``ExpertCache.all_resident``)."""
+        return not self._orphans and self.cache.all_resident
+
+    def slot_table(self, layer: int) -> mx.array:
+        """expert -> slot of ``layer`` as a device array, kept in step with the cache's contents."""
+        if self._tables_generation != self.cache.generation:
+            self._tables = {}
+            self._tables_generation = self.cache.generation
+        table = self._tables.get(layer)
+        if table is None:
+            entry = self.layer_entry(layer)
+            table = self._tables[layer] = mx.array(
+                self.cache.slot_table(layer, entry.num_experts).astype(np.uint32)
+            )
+        return table
+
+    def count_hits(self, hits) -> None:
+        """Adds hits of the all-cached path: an int, or a device scalar summed when stats are read."""
+        if isinstance(hits, int):
+            self.stats.hits += hits
+        else:
+            self.stats.pending_hits.append(hits)
+            if len(self.stats.pending_hits) >= 256:
+                self._settle_hits()
+
+    def _settle_hits(self) -> None:
+        pending = self.stats.pending_hits
+        if pending:
+            self.stats.pending_hits = []
+            self.stats.hits += int(mx.sum(mx.stack(pending)).item())
 
     def layer_entry(self, layer: int) -> LayerEntry:
         return self.packed.manifest.layers[layer]
@@ -238,6 +291,7 @@ class ExpertRuntime:
         self.store.close()
 
     def snapshot_stats(self) -> dict:
+        self._settle_hits()
         return {
             "cache_hits": self.stats.hits,
             "cache_misses": self.stats.misses,
@@ -252,5 +306,13 @@ class ExpertRuntime:
         }
 
 
-def block_shape_of(entry: LayerEntry) -> BlockShape:
-    return BlockShape(tuple(Component(c.name, c.dtype, tuple(c.shape)) for c in entry.components))
+def block_shape_of(entry: LayerEntry, activation: mx.Dtype | None = None) -> BlockShape:
+    """A layer's slot layout for activations of ``activation`` (None: the default dtype, f32 on CPU)."""
+    if activation is None:
+        activation = default_dtype()
+    return BlockShape(
+        tuple(
+            Component(c.name, c.dtype, tuple(c.shape), slot_dtype(c.dtype, activation))
+            for c in entry.components
+        )
+    )
