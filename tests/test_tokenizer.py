@@ -136,8 +136,17 @@ def test_real_encodes_like_tiktoken_on_random_vocabulary_text(real, reference):
     tokens = list(reference._mergeable_ranks)
     texts = [
         b"".join(rng.choice(tokens) for _ in range(rng.randint(1, 10))).decode("utf-8", "ignore")
-        for _ in range(3000)
+        for _ in range(30_000)
     ]
+    encoded = real.encode_batch(texts, add_special_tokens=False)
+    mismatches = [t for t, e in zip(texts, encoded, strict=True) if e.ids != reference.encode(t)]
+    assert mismatches == []
+
+
+def test_real_encodes_like_tiktoken_on_every_vocabulary_token(real, reference):
+    """Each of the ~247k tokens' own text (with the 30k glued strings above: the README's 277k strings)."""
+    texts = [t for t in (b.decode("utf-8", "ignore") for b in reference._mergeable_ranks) if t]
+    assert len(texts) > 240_000
     encoded = real.encode_batch(texts, add_special_tokens=False)
     mismatches = [t for t, e in zip(texts, encoded, strict=True) if e.ids != reference.encode(t)]
     assert mismatches == []
