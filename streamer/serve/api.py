@@ -23,7 +23,7 @@ import jinja2
 from streamer.errors import ConfigError
 from streamer.generation.sampling import SamplingParams, default_sampling_params
 from streamer.serve.tool_calls import Delta, OutputParser
-from streamer.serve.worker import Failed, Finished, GenerationWorker, Job, Piece
+from streamer.serve.worker import Failed, Finished, GenerationWorker, Job, Piece, TokenLogprob
 
 # Request sampling fields that may override the server's defaults: field name -> (type, low, high).
 SAMPLING_FIELDS = {
@@ -236,6 +236,7 @@ def make_job(
     stop_param: str,
     snapshot_at: tuple[int, ...],
     label: str,
+    logprobs: int | None = None,
 ) -> Job:
     """The generation job every API dialect asks for: sampling from the request over the server's
     defaults, stop strings from the dialect's own parameter (``stop`` / ``stop_sequences``)."""
@@ -246,6 +247,7 @@ def make_job(
         stop=f.stop_list(stop_param),
         snapshot_at=snapshot_at,
         ignore_eos=f.flag("ignore_eos"),
+        logprobs=logprobs,
         label=label,
     )
 
@@ -353,18 +355,28 @@ def run_job(ctx: ApiContext, job: Job, poll_s: float = 0.2) -> Iterator:
             job.cancelled.set()
 
 
+@dataclass
+class Logprobs:
+    """The sampled tokens of the deltas that follow (only when the job asked for logprobs)."""
+
+    tokens: list[TokenLogprob]
+
+
 def answer_events(
     events: Iterator, parser: OutputParser | None, memory: ReasoningMemory | None = None
-) -> Iterator[Delta | Finished | Heartbeat]:
+) -> Iterator[Delta | Logprobs | Finished | Heartbeat]:
     """Worker events as answer deltas (reasoning / content / tool calls), then the Finished event.
 
-    The reasoning before each tool call goes into ``memory``, keyed by the call's id.
+    A piece's token logprobs, when asked for, come as one ``Logprobs`` event before its deltas. The
+    reasoning before each tool call goes into ``memory``, keyed by the call's id.
     """
     reasoning = []
     for event in events:
         if isinstance(event, Heartbeat):
             yield event
             continue
+        if isinstance(event, Piece) and event.logprobs:
+            yield Logprobs(event.logprobs)
         if isinstance(event, Piece):
             deltas = parser.feed(event.text) if parser else [Delta("content", event.text)]
         else:

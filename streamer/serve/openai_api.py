@@ -2,7 +2,9 @@
 
 Reasoning comes back as ``reasoning_content`` (message and deltas), Qwen3.5 tool calls as
 ``tool_calls`` with JSON-string arguments, and ``usage.prompt_tokens_details.cached_tokens`` counts the
-prompt tokens a prefix snapshot saved from prefill. Extensions: ``top_k``, ``min_p``,
+prompt tokens a prefix snapshot saved from prefill. ``logprobs`` / ``top_logprobs`` (chat; ``logprobs: k`` on
+completions) report every generated token's log-softmax under the model, before temperature, penalties and
+filters (vLLM's default), reasoning and tool-call tokens included. Extensions: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos`` and ``chat_template_kwargs.enable_thinking``.
 """
 
@@ -18,6 +20,7 @@ from streamer.serve.api import (
     Fields,
     Heartbeat,
     JsonResponse,
+    Logprobs,
     answer_events,
     completion_budget,
     make_id,
@@ -26,7 +29,7 @@ from streamer.serve.api import (
     run_job,
 )
 from streamer.serve.tool_calls import OutputParser
-from streamer.serve.worker import Finished
+from streamer.serve.worker import Finished, TokenLogprob
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -47,6 +50,7 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     f = Fields(body)
     model = ctx.settings.check_model(body.get("model"))
     _check_n(f)
+    logprobs = _chat_logprobs(f)
     messages = [_template_message(m, i) for i, m in enumerate(f.get("messages", list, required=True))]
     if not messages:
         raise ApiError(400, "messages must not be empty", param="messages")
@@ -73,20 +77,23 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
         stop_param="stop",
         snapshot_at=snapshot_at,
         label=cid,
+        logprobs=logprobs,
     )
     events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
     head = {"id": cid, "created": int(time.time()), "model": model}
     if f.flag("stream"):
-        return EventStream(_chat_stream(head, events, include_usage))
-    return _chat_answer(head, events)
+        return EventStream(_chat_stream(head, events, include_usage, logprobs is not None))
+    return _chat_answer(head, events, logprobs is not None)
 
 
-def _chat_answer(head: dict, events) -> JsonResponse | None:
+def _chat_answer(head: dict, events, want_logprobs: bool) -> JsonResponse | None:
     parts = {"reasoning": [], "content": [], "tool_call": []}
-    finished = None
+    finished, tokens = None, []
     for event in events:
         if isinstance(event, Finished):
             finished = event
+        elif isinstance(event, Logprobs):
+            tokens += event.tokens
         elif not isinstance(event, Heartbeat):
             parts[event.kind].append(event.call if event.kind == "tool_call" else event.text)
     if finished is None:
@@ -97,22 +104,44 @@ def _chat_answer(head: dict, events) -> JsonResponse | None:
         message["reasoning_content"] = "".join(parts["reasoning"])
     if calls:
         message["tool_calls"] = [_tool_call_json(c) for c in calls]
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(finished, calls)}
+    logprobs = _chat_logprobs_json(tokens) if want_logprobs else None
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(finished, calls)}
     body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage_json(finished)}
     return JsonResponse(body)
 
 
-def _chat_stream(head: dict, events, include_usage: bool):
+def _chat_stream(head: dict, events, include_usage: bool, want_logprobs: bool = False):
+    pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not gone out yet
+    started = False
+
     def chunk(delta: dict, finish_reason=None) -> tuple[None, str]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        logprobs = None
+        if want_logprobs and pending:
+            logprobs = _chat_logprobs_json(pending)
+            pending.clear()
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return None, json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
-    yield chunk({"role": "assistant", "content": ""})
+    def opening(event) -> list[tuple[None, str]]:
+        # The role goes out with the first event, as OpenAI does: a tool-call answer's first delta
+        # carries the call and content null; any other answer starts with content "".
+        nonlocal started
+        if started or isinstance(event, (Heartbeat, Logprobs)):
+            return []
+        started = True
+        if not isinstance(event, Finished) and event.kind == "tool_call":
+            return []
+        return [(None, json.dumps({**head, "object": "chat.completion.chunk", "choices": [_ROLE_CHOICE]}))]
+
     n_calls = 0
     try:
         for event in events:
+            first = not started
+            yield from opening(event)
             if isinstance(event, Heartbeat):
                 yield None, None
+            elif isinstance(event, Logprobs):
+                pending.extend(event.tokens)
             elif isinstance(event, Finished):
                 yield chunk({}, _finish(event, n_calls))
                 if include_usage:
@@ -124,13 +153,22 @@ def _chat_stream(head: dict, events, include_usage: bool):
                     }
                     yield None, json.dumps(body)
             elif event.kind == "tool_call":
-                yield chunk({"tool_calls": [{"index": n_calls, **_tool_call_json(event.call)}]})
+                delta = {"tool_calls": [{"index": n_calls, **_tool_call_json(event.call)}]}
+                yield chunk({"role": "assistant", "content": None, **delta} if first else delta)
                 n_calls += 1
             else:
                 yield chunk({"reasoning_content" if event.kind == "reasoning" else "content": event.text})
     except ApiError as e:
         yield None, json.dumps(error_body(e))
     yield None, "[DONE]"
+
+
+_ROLE_CHOICE = {
+    "index": 0,
+    "delta": {"role": "assistant", "content": ""},
+    "logprobs": None,
+    "finish_reason": None,
+}
 
 
 def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
@@ -140,6 +178,7 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     if f.flag("echo"):
         raise ApiError(400, "echo is not supported", param="echo")
     _check_n(f)
+    logprobs = f.number("logprobs", 0, 20, integer=True)
     ids = _prompt_ids(f.get("prompt", (str, list), required=True), ctx.tokenizer)
     max_tokens = f.number("max_tokens", 1, integer=True)
     budget = completion_budget(ctx.settings, len(ids), max_tokens, "max_tokens", "prompt")
@@ -147,33 +186,55 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     cid = make_id("cmpl-")
     # A snapshot before the last token lets the same prompt, sent again, skip all but one token.
     job = make_job(
-        ctx, f, ids, budget, thinking=False, stop_param="stop", snapshot_at=(len(ids) - 1,), label=cid
+        ctx,
+        f,
+        ids,
+        budget,
+        thinking=False,
+        stop_param="stop",
+        snapshot_at=(len(ids) - 1,),
+        label=cid,
+        logprobs=logprobs,
     )
     events = answer_events(run_job(ctx, job), None)
     head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model}
     if f.flag("stream"):
-        return EventStream(_completion_stream(head, events, include_usage))
-    texts, finished = [], None
+        return EventStream(_completion_stream(head, events, include_usage, logprobs is not None))
+    texts, finished, tokens = [], None, []
     for event in events:
         if isinstance(event, Finished):
             finished = event
+        elif isinstance(event, Logprobs):
+            tokens += event.tokens
         elif not isinstance(event, Heartbeat):
             texts.append(event.text)
     if finished is None:
         return None
-    choice = {"index": 0, "text": "".join(texts), "logprobs": None, "finish_reason": _finish(finished, [])}
+    lp = _completion_logprobs_json(tokens, 0) if logprobs is not None else None
+    choice = {"index": 0, "text": "".join(texts), "logprobs": lp, "finish_reason": _finish(finished, [])}
     return JsonResponse({**head, "choices": [choice], "usage": usage_json(finished)})
 
 
-def _completion_stream(head: dict, events, include_usage: bool):
+def _completion_stream(head: dict, events, include_usage: bool, want_logprobs: bool = False):
+    pending: list[TokenLogprob] = []
+    offset = 0  # where the next token starts in the completion text
+
     def chunk(text: str, finish_reason=None) -> tuple[None, str]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        nonlocal offset
+        logprobs = None
+        if want_logprobs and pending:
+            logprobs = _completion_logprobs_json(pending, offset)
+            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+            pending.clear()
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return None, json.dumps({**head, "choices": [choice]})
 
     try:
         for event in events:
             if isinstance(event, Heartbeat):
                 yield None, None
+            elif isinstance(event, Logprobs):
+                pending.extend(event.tokens)
             elif isinstance(event, Finished):
                 yield chunk("", _finish(event, []))
                 if include_usage:
@@ -183,6 +244,46 @@ def _completion_stream(head: dict, events, include_usage: bool):
     except ApiError as e:
         yield None, json.dumps(error_body(e))
     yield None, "[DONE]"
+
+
+def _chat_logprobs(f: Fields) -> int | None:
+    """None without ``logprobs: true``; else how many alternatives each token lists (top_logprobs)."""
+    wanted = f.flag("logprobs")
+    top = f.number("top_logprobs", 0, 20, integer=True)
+    if top and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _token_text(token: bytes) -> str:
+    # A byte-level token may hold part of a character: its bytes say which (as OpenAI writes them).
+    return token.decode("utf-8", errors="backslashreplace")
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # JSON has no -Infinity; OpenAI writes this floor too
+
+
+def _chat_logprobs_json(tokens: list[TokenLogprob]) -> dict:
+    def entry(token: bytes, logprob: float) -> dict:
+        return {"token": _token_text(token), "logprob": _finite(logprob), "bytes": list(token)}
+
+    content = [{**entry(t.token, t.logprob), "top_logprobs": [entry(*p) for p in t.top]} for t in tokens]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs_json(tokens: list[TokenLogprob], offset: int) -> dict:
+    texts = [_token_text(t.token) for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [_finite(t.logprob) for t in tokens],
+        "top_logprobs": [{_token_text(tok): _finite(lp) for tok, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
 
 
 def usage_json(finished: Finished) -> dict:

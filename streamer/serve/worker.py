@@ -42,10 +42,22 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """One sampled token's log-probability under the model (log-softmax of its logits, before
+    temperature, penalties and filters, as vLLM reports by default), and the most likely alternatives."""
+
+    token: bytes  # what the id decodes to (part of a character for byte-level BPE)
+    logprob: float
+    top: list[tuple[bytes, float]] = field(default_factory=list)  # most likely first
+
+
+@dataclass
 class Piece:
     """New answer text (stop sequences already cut out)."""
 
     text: str
+    # With Job.logprobs set: the tokens sampled since the previous piece (a stop sequence's are dropped).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Job:
     stop: Sequence[str] = ()
     snapshot_at: Sequence[int] = ()  # prompt lengths worth a snapshot (message boundaries)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
     label: str = ""
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -143,6 +156,7 @@ class GenerationWorker:
         self._current: Job | None = None
         self._progress: tuple[int, int] | None = None  # (prefilled, to prefill) of the current job
         self.engine = None
+        self._last_logprob: TokenLogprob | None = None  # set by _LogprobSampler for each sampled token
 
     def start(self) -> None:
         """Starts the thread and waits for the engine; re-raises a load error here."""
@@ -219,6 +233,8 @@ class GenerationWorker:
             return
         stopper = StopMatcher(job.stop)
         reason, matched, token_ids = "stop", None, []
+        logprobs: list[TokenLogprob] = []  # sampled since the last piece
+        self._last_logprob = None
         start = time.perf_counter()
         try:
             stream = self._scripted_stream(job, usage) if self._scripted else self._model_stream(job, usage)
@@ -231,9 +247,12 @@ class GenerationWorker:
                         usage.ttft_s = time.perf_counter() - start
                     usage.completion_tokens, usage.generation_tps = r.generation_tokens, r.generation_tps
                     token_ids.append(r.token)
+                    if job.logprobs is not None and r.finish_reason != "stop":  # not the end-of-sequence id
+                        logprobs.append(self._last_logprob or TokenLogprob(r.text.encode(), 0.0))
                     text, matched = stopper.feed(r.text)
                     if text:
-                        job.events.put(Piece(text))
+                        job.events.put(Piece(text, logprobs))
+                        logprobs = []
                     if matched is not None:
                         break
                     if r.finish_reason:
@@ -250,7 +269,7 @@ class GenerationWorker:
             self._fail(job, f"generation failed: {type(e).__name__}: {e}", usage)
             return
         if matched is None and (rest := stopper.flush()):
-            job.events.put(Piece(rest))
+            job.events.put(Piece(rest, logprobs))
         self._finish(job, reason, matched, usage, token_ids)
 
     def _fail(self, job: Job, message: str, usage: Usage) -> None:
@@ -309,6 +328,8 @@ class GenerationWorker:
                 start = boundary
         tokenizer = _WithoutEos(engine.tokenizer) if job.ignore_eos else engine.tokenizer
         sampler = make_sampler(job.sampling, context=ids)
+        if job.logprobs is not None:
+            sampler = _LogprobSampler(sampler, job.logprobs, engine.tokenizer, self)
         generated: list[int] = []
         tokens = stream_generate(
             engine.model, tokenizer, ids[start:], sampler, job.max_tokens, cache=cache, prefill_progress=check
@@ -341,6 +362,31 @@ class GenerationWorker:
             last = n == len(pieces)
             reason = ("length" if n == job.max_tokens else "stop") if last else None
             yield GenerationResponse(-1, text, len(job.prompt_ids), 0.0, n, 0.0, reason)
+
+
+class _LogprobSampler:
+    """Wraps a sampler: also leaves the sampled token's log-probability and the ``top`` most likely
+    tokens on ``sink._last_logprob`` (one log-softmax and one partial sort over the vocabulary per token)."""
+
+    def __init__(self, sampler, top: int, tokenizer, sink):
+        self.sampler, self.top, self.tokenizer, self.sink = sampler, top, tokenizer, sink
+
+    def __call__(self, logits: mx.array) -> int:
+        token = self.sampler(logits)
+        logprobs = logits.astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs)
+        if self.top:
+            k = min(self.top, logprobs.shape[-1])
+            ids = mx.argpartition(-logprobs, k - 1)[:k]
+            values = logprobs[ids]
+            mx.eval(ids, values, logprobs)
+            ranked = sorted(zip(ids.tolist(), values.tolist(), strict=True), key=lambda p: -p[1])
+            top = [(self.tokenizer.token_bytes(i), v) for i, v in ranked]
+        else:
+            top = []
+        chosen = logprobs[token].item()
+        self.sink._last_logprob = TokenLogprob(self.tokenizer.token_bytes(token), chosen, top)
+        return token
 
 
 class _WithoutEos:

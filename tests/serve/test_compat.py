@@ -9,10 +9,13 @@ import json
 import socket
 
 import anthropic
+import mlx.core as mx
 import openai
 import pytest
 
-from tests.serve.helpers import CALL, WEATHER_TOOL, anth, oai, raw, setting
+from streamer.generation.generate import prefill
+from streamer.loader import load_engine
+from tests.serve.helpers import CALL, GREEDY, WEATHER_TOOL, anth, oai, raw, setting
 
 OFF = {"chat_template_kwargs": {"enable_thinking": False}}
 USER = [{"role": "user", "content": "hi"}]
@@ -349,3 +352,147 @@ def test_http10_clients_get_no_chunked_encoding(scripted):
     status_body = json.dumps({"model": "tiny", "messages": USER, **OFF}).encode()
     head, data = _exchange(scripted, request % (b"1.0", len(status_body), b"", status_body))
     assert b"content-length" in head.lower() and json.loads(data)["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streamed tool calls, logprobs
+
+
+def _sse(s, path: str, body: dict) -> list[dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("POST", path, json.dumps({"model": "tiny", "stream": True, **body}))
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
+
+
+def test_streamed_tool_call_starts_with_content_null(scripted):
+    scripted.script.pieces = [CALL]
+    chunks = _sse(scripted, "/v1/chat/completions", {"messages": USER, "tools": [WEATHER_TOOL], **OFF})
+    first = chunks[0]["choices"][0]["delta"]
+    assert first["role"] == "assistant" and "content" in first and first["content"] is None, first
+    assert first["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    stream = oai(scripted).chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER_TOOL], stream=True, extra_body=OFF
+    )
+    calls = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
+    assert json.loads(calls[0][0].function.arguments) == {"city": "Paris", "days": 2}
+    # A text answer still opens with content "" (as OpenAI's do), then the text.
+    scripted.script.pieces = ["Hi", "!"]
+    chunks = _sse(scripted, "/v1/chat/completions", {"messages": USER, **OFF})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hi!"
+
+
+@pytest.fixture(scope="module")
+def reference(packed):
+    """The model itself, for the log-probabilities the server should report."""
+    return load_engine(packed)
+
+
+def _expected(engine, ids: list[int], k: int) -> tuple[list[float], list[int]]:
+    logits = prefill(engine.model, ids, engine.model.make_cache()).astype(mx.float32)
+    logprobs = (logits - mx.logsumexp(logits)).tolist()
+    order = sorted(range(len(logprobs)), key=lambda i: -logprobs[i])[:k]
+    return logprobs, order
+
+
+def test_chat_logprobs_match_the_model(server, reference):
+    tok = reference.tokenizer
+    messages = [{"role": "user", "content": "Tell me"}]
+    request = dict(
+        model="tiny", messages=messages, max_tokens=5, logprobs=True, top_logprobs=3, presence_penalty=0,
+        extra_body={"ignore_eos": True, **OFF}, **GREEDY,
+    )  # fmt: skip
+    r = oai(server).chat.completions.create(**request)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 5
+    text = r.choices[0].message.content
+    assert b"".join(bytes(e.bytes) for e in content).decode(errors="replace") == text
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert [t.logprob for t in e.top_logprobs] == sorted(
+            (t.logprob for t in e.top_logprobs), reverse=True
+        )
+        assert e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob  # greedy
+    # The first token's numbers are the model's log-softmax after the prompt.
+    prompt = tok.apply_chat_template(messages, enable_thinking=False)
+    logprobs, order = _expected(reference, tok.encode(prompt), 3)
+    assert [bytes(t.bytes) for t in content[0].top_logprobs] == [tok.token_bytes(i) for i in order]
+    for t, i in zip(content[0].top_logprobs, order, strict=True):
+        assert t.logprob == pytest.approx(logprobs[i], abs=1e-4)
+
+    # Streaming: the same tokens and numbers, spread over the chunks.
+    chunks = list(oai(server).chat.completions.create(stream=True, **request))
+    streamed = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    for c in chunks:  # each chunk's logprobs are its own text's tokens
+        if c.choices and c.choices[0].delta.content:
+            assert (
+                b"".join(bytes(e.bytes) for e in c.choices[0].logprobs.content).decode(errors="replace")
+                == c.choices[0].delta.content
+            )
+
+    plain = oai(server).chat.completions.create(**{**request, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+    for bad, param in [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+    ]:
+        status, body = _post(server, "/v1/chat/completions", {"messages": messages, **bad})
+        assert status == 400 and body["error"]["param"] == param, (bad, body)
+
+
+def test_completion_logprobs_match_the_model(server, reference):
+    tok = reference.tokenizer
+    request = dict(
+        model="tiny", prompt="The quick brown", max_tokens=6, logprobs=2, presence_penalty=0,
+        extra_body={"ignore_eos": True}, **GREEDY,
+    )  # fmt: skip
+    r = oai(server).completions.create(**request)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    logprobs, order = _expected(reference, tok.encode("The quick brown"), 2)
+    assert lp.tokens[0] == tok.token_bytes(order[0]).decode(errors="backslashreplace")
+    assert lp.token_logprobs[0] == pytest.approx(logprobs[order[0]], abs=1e-4)
+    assert all(
+        len(top) <= 2 and max(top.values()) == p
+        for top, p in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
+
+    chunks = list(oai(server).completions.create(stream=True, **request))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    assert [p for s in streamed for p in s.token_logprobs] == lp.token_logprobs
+    assert oai(server).completions.create(**{**request, "logprobs": None}).choices[0].logprobs is None
+    assert (
+        oai(server).completions.create(**{**request, "logprobs": 0}).choices[0].logprobs.top_logprobs[0] == {}
+    )
+    for bad in (21, -1, True):
+        status, body = _post(server, "/v1/completions", {"prompt": "x", "logprobs": bad})
+        assert status == 400 and body["error"]["param"] == "logprobs", (bad, body)
+
+
+def test_cli_cors_flag_reaches_the_server(monkeypatch):
+    from click.testing import CliRunner
+
+    import streamer.cli.serve as cli
+
+    seen = {}
+
+    def fake_start(load, config, scripted=None):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "start_server", fake_start)
+    args = ["--cors", "http://localhost:3000", "--cors", "https://ui.example"]
+    assert CliRunner().invoke(cli.serve, args).exit_code == 0
+    assert seen["config"].cors_origins == ("http://localhost:3000", "https://ui.example")
+    CliRunner().invoke(cli.serve, [])
+    assert seen["config"].cors_origins == ()
