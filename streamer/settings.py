@@ -28,8 +28,17 @@ class RuntimeConfig:
     threads: int = 8
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
     io_timeout_s: float = 60.0  # --io-timeout: the longest wait for one expert read
-    # --verify-reads: CRC-32 of every expert block read, against the manifest (DECISION: see below).
-    verify_reads: bool = True
+    # --verify-reads: CRC-32 of every expert block read, against the manifest. DECISION: off by default;
+    # the bar was <= 5 % of decode time and the streaming case misses it. benchmarks/bench_verify_reads.py
+    # (results.tsv, 2 shared x86 cores, page cache warm, zlib.crc32 6-7 GB/s/core), decode on/off:
+    # - like-35b bf16 preset (16 KiB blocks), 200 tokens: small cache 1.006, default cache 1.000
+    #   (CRC work 2.35 % / 0.09 % of decode time);
+    # - full-width (real 397B widths, 7 MB blocks) 1 layer, 12 tokens: small cache 1.228 (71 MB read and
+    #   checked per token, CRC work 14 % of decode), default cache 1.285 (still filling: 54 MB/token).
+    # At real block sizes the check costs 13-28 % while experts stream, so it is opt-in; `streamer repack`
+    # re-checks every byte of a complete copy and `streamer verify` names damage. Revisit with a faster
+    # ISO-HDLC CRC (isal, zlib-ng) and on a Mac, where reads come from the SSD, not the page cache.
+    verify_reads: bool = False
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_experts is not None:

@@ -60,10 +60,10 @@ def runtime_options(command):
         ),
         click.option(
             "--verify-reads/--no-verify-reads",
-            default=True,
+            default=False,
             show_default=True,
             help="Check every expert block read against the manifest's CRC-32: a damaged copy fails "
-            "the request instead of answering wrong.",
+            "the request instead of answering wrong (costs 13-28% of decode time while experts stream).",
         ),
         click.option(
             "--dtype",
@@ -90,7 +90,7 @@ def runtime_config(
     threads: int,
     dtype: str | None,
     io_timeout: float = 60.0,
-    verify_reads: bool = True,
+    verify_reads: bool = False,
 ) -> RuntimeConfig:
     """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
     if cache_gb is not None and not (cache_gb > 0 and math.isfinite(cache_gb)):
@@ -114,7 +114,7 @@ def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
     resident = kwargs.pop("resident")
     names = ("cache_gb", "cache_experts", "io_mode", "prefetch", "threads", "dtype")
     values = {n: kwargs.pop(n) for n in names}
-    io = {"io_timeout": kwargs.pop("io_timeout", 60.0), "verify_reads": kwargs.pop("verify_reads", True)}
+    io = {"io_timeout": kwargs.pop("io_timeout", 60.0), "verify_reads": kwargs.pop("verify_reads", False)}
     return runtime_config(**values, **io), resident
 
 

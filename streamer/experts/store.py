@@ -9,10 +9,10 @@ Two I/O modes, a config value rather than a code fork:
 
 Safe to call from several threads at once: reads are positional and staging buffers are per thread.
 
-With ``verify`` (``--verify-reads``, on by default) every component read is checked against the
+With ``verify`` (``--verify-reads``, off by default) every component read is checked against the
 manifest's CRC-32 (formats/PACKED.md §4) on the reader thread, before the slot is published: a damaged
 copy fails its request naming file, layer, expert and component instead of silently answering wrong.
-Cost, measured by benchmarks/bench_verify_reads.py: see ``settings.RuntimeConfig.verify_reads``.
+Cost, measured by benchmarks/bench_verify_reads.py: ``settings.RuntimeConfig.verify_reads``.
 """
 
 from __future__ import annotations
