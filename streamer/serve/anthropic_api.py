@@ -37,7 +37,7 @@ def error_body(e: ApiError) -> dict:
 
 def count_tokens(body, ctx: ApiContext) -> JsonResponse:
     """Handles POST /v1/messages/count_tokens."""
-    prompt, _ = _prompt(Fields(body), ctx)
+    prompt, _ = _prompt(Fields(body), ctx, counting=True)
     return JsonResponse({"input_tokens": len(prompt.ids)})
 
 
@@ -69,7 +69,7 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     return _answer(head, events)
 
 
-def _prompt(f: Fields, ctx: ApiContext) -> tuple[Prompt, list[dict] | None]:
+def _prompt(f: Fields, ctx: ApiContext, counting: bool = False) -> tuple[Prompt, list[dict] | None]:
     ctx.settings.check_model(f.body.get("model"))
     history = []
     system = f.get("system", (str, list))
@@ -80,7 +80,7 @@ def _prompt(f: Fields, ctx: ApiContext) -> tuple[Prompt, list[dict] | None]:
     if not history:
         raise ApiError(400, "messages must not be empty", param="messages")
     tools = _tools(f.get("tools", list))
-    if _tool_choice(f, tools) == "none":
+    if _tool_choice(f, tools, counting) == "none":
         tools = None
     ctx.memory.fill(history)
     return render_chat(ctx.tokenizer, history, tools, _thinking(f, ctx.settings.thinking)), tools
@@ -89,8 +89,9 @@ def _prompt(f: Fields, ctx: ApiContext) -> tuple[Prompt, list[dict] | None]:
 _NOT_YET = "is not supported yet (it needs constrained decoding, which this server does not have)"
 
 
-def _tool_choice(f: Fields, tools: list[dict] | None) -> str:
-    """The request's tool_choice type, checked: 'auto' or 'none' (forcing a call cannot be enforced yet)."""
+def _tool_choice(f: Fields, tools: list[dict] | None, counting: bool = False) -> str:
+    """The request's tool_choice type, checked: 'auto' or 'none' (forcing a call cannot be enforced yet,
+    but a request that only counts tokens may name any valid choice)."""
     choice = Fields(f.get("tool_choice", dict, {"type": "auto"}), "tool_choice")
     kind = choice.get("type", str, required=True)
     if kind not in ("auto", "any", "tool", "none"):
@@ -110,7 +111,7 @@ def _tool_choice(f: Fields, tools: list[dict] | None) -> str:
                 f"({', '.join(map(repr, names)) or 'none given'}), got {name!r}",
                 param="tool_choice",
             )
-    if kind in ("any", "tool"):
+    if kind in ("any", "tool") and not counting:
         raise ApiError(400, f"tool_choice type {kind!r} {_NOT_YET}; use 'auto'", param="tool_choice")
     return kind
 

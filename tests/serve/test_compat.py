@@ -144,6 +144,13 @@ def test_anthropic_tool_choice_values(scripted):
         client.messages.create(
             model="tiny", max_tokens=5, messages=USER, tools=[tool], tool_choice={"type": "any"}
         )
+    # Counting tokens runs nothing: a forced choice is fine there (an invalid one is not).
+    count = client.messages.count_tokens(
+        model="tiny", messages=USER, tools=[tool], tool_choice={"type": "any"}
+    )
+    assert count.input_tokens > 0
+    with pytest.raises(anthropic.BadRequestError, match="tool_choice.type must be"):
+        client.messages.count_tokens(model="tiny", messages=USER, tools=[tool], tool_choice={"type": "x"})
 
 
 def test_response_format(scripted):
