@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from streamer.errors import CheckpointError, PackedFormatError
-from streamer.experts.budget import _cache_budget
+from streamer.experts.budget import cache_budget
 from streamer.experts.runtime import ExpertRuntime
 from streamer.experts.streamed import StreamedExperts
 from streamer.models.args import CONFIG_FILE, ModelArgs, read_config_file
@@ -82,7 +82,7 @@ def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
     model = Model(args, dtype=_resolve_dtype(config.dtype))
     runtime = ExpertRuntime(
         packed,
-        cache_bytes=_cache_budget(packed, args, config),
+        cache_bytes=cache_budget(packed, args, config.cache_bytes, config.cache_experts, config.dtype),
         min_slots=args.num_experts_per_tok,
         io_mode=config.io_mode,
         threads=config.threads,
@@ -90,6 +90,7 @@ def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
         prefetch=config.prefetch,
         dtype=model.dtype,
         verify_reads=config.verify_reads,
+        policy=config.cache_policy,
     )
     try:
         layers = model.layers

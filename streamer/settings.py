@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass
 
 from streamer.errors import ConfigError
-
-IO_MODES = ("buffered", "direct")
-
+from streamer.experts.policy import DEFAULT_POLICY, POLICIES
+from streamer.experts.store import IO_MODES
 
 PREFETCH_MODES = ("off", "parallel", "predict")
 
@@ -39,6 +38,7 @@ class RuntimeConfig:
     # re-checks every byte of a complete copy and `streamer verify` names damage. Revisit with a faster
     # ISO-HDLC CRC (isal, zlib-ng) and on a Mac, where reads come from the SSD, not the page cache.
     verify_reads: bool = False
+    cache_policy: str = DEFAULT_POLICY  # --cache-policy: which cached expert a miss evicts
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_experts is not None:
@@ -51,6 +51,10 @@ class RuntimeConfig:
             raise ConfigError(f"--io must be one of {', '.join(IO_MODES)}, got {self.io_mode!r}")
         if self.prefetch not in PREFETCH_MODES:
             raise ConfigError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
+        if self.cache_policy not in POLICIES:
+            raise ConfigError(
+                f"--cache-policy must be one of {', '.join(POLICIES)}, got {self.cache_policy!r}"
+            )
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not (self.io_timeout_s > 0 and math.isfinite(self.io_timeout_s)):

@@ -99,9 +99,27 @@ def test_advise_default_sizes_and_table(packed, tmp_path):
     assert shares == sorted(shares) and shares[-1] == 1.0 and len(rows) >= 4
     assert [r["hit_rate"] for r in rows][-1] >= rows[0]["hit_rate"]
     text = _run("advise", trace, "--model", packed, "--compute-ms", 5, "--read-gbps", 1).output
-    assert "hit rate" in text and "tok/s" in text and "5 ms" in text
+    assert " lru " in text and " lfu " in text and "optimal" in text and "tok/s" in text and "5 ms" in text
+    assert "recommended: --cache-policy " in text
     no_model = _json(_run("advise", trace, "--json"))["rows"]
     assert no_model[-1]["share"] == pytest.approx(1.0) and no_model[0]["cache_bytes"] is None
+
+
+def test_advise_reports_every_policy_and_recommends_the_best(packed, tmp_path):
+    """Each policy's hit rate is the simulator's on the same pools; the row's own policy is the best one,
+    and the recommendation is the policy with the most hits over all sizes."""
+    from streamer.tuning.cache_sim import read_trace, simulate
+
+    trace = tmp_path / "route.jsonl"
+    _run("bench", packed, "--prompt-tokens", 8, "-n", 24, "--no-disk-test", "--trace", trace)
+    out = _json(_run("advise", trace, "--slots", "8,12,20,40", "--json"))
+    steps = read_trace(trace)
+    for r in out["rows"]:
+        for policy, rate in r["policy_hit_rates"].items():
+            assert rate == simulate(steps, r["slots"], policy=policy).decode_hit_rate
+        assert r["hit_rate"] == max(r["policy_hit_rates"].values()) <= r["optimal_hit_rate"]
+    sums = {p: sum(r["policy_hit_rates"][p] for r in out["rows"]) for p in ("lru", "lfu")}
+    assert sums[out["recommended_policy"]] == max(sums.values())
 
 
 def _error_line(result) -> str:

@@ -8,11 +8,13 @@ import random
 import pytest
 
 from streamer.experts.expert_cache import ExpertCache, block_shape
+from streamer.experts.policy import POLICIES
 from streamer.tuning.cache_sim import (
     Step,
     TraceError,
     make_step,
     read_trace,
+    simulate,
     simulate_lfu,
     simulate_lru,
     simulate_optimal,
@@ -105,11 +107,15 @@ def _shape():
     return block_shape(comps)
 
 
-def _real_cache_hits(steps, slots, layers, experts) -> int:
+def _real_cache_hits(steps, slots, layers, experts, policy) -> int:
     """Drives ExpertCache exactly as ExpertRuntime.begin / finish / release do (parallel prefetch)."""
     shape = _shape()
     cache = ExpertCache(
-        {l: shape for l in range(layers)}, {l: experts for l in range(layers)}, slots * shape.nbytes, 1
+        {l: shape for l in range(layers)},
+        {l: experts for l in range(layers)},
+        slots * shape.nbytes,
+        1,
+        policy=policy,
     )
     hits = 0
     for step in steps:
@@ -132,8 +138,9 @@ def _real_cache_hits(steps, slots, layers, experts) -> int:
     return hits
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("slots", [4, 7, 16, 40, 96])
-def test_lru_simulator_equals_the_real_expert_cache(slots):
+def test_simulator_equals_the_real_expert_cache(slots, policy):
     rng = random.Random(slots)
     layers, experts, k = 4, 24, 4
     steps = [make_step(layer, [rng.sample(range(experts), k) for _ in range(9)]) for layer in range(layers)]
@@ -144,8 +151,8 @@ def test_lru_simulator_equals_the_real_expert_cache(slots):
             for layer in range(layers)
         ]
     steps += [make_step(0, [rng.sample(range(6), 3)]) for _ in range(30)]  # one layer: hits even in 4 slots
-    want = _real_cache_hits(steps, slots, layers, experts)
-    assert simulate_lru(steps, slots).hits == want
+    want = _real_cache_hits(steps, slots, layers, experts, policy)
+    assert simulate(steps, slots, policy=policy).hits == want
     assert 0 < want < sum(len(s.experts) for s in steps)
 
 

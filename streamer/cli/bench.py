@@ -124,15 +124,16 @@ def advise(trace, model, cache_gb, slots, compute_ms, read_gbps, as_json):
     """Hit rate and expected decode tok/s per expert-cache size, from a routing TRACE.
 
     Record TRACE on your machine with `streamer bench MODEL --trace FILE` (or `streamer generate ...
-    --trace FILE`), then replay it here: every cache size is simulated with the runtime's own LRU policy
-    (and, for reference, the optimal policy), so you can choose --cache-gb from evidence.
+    --trace FILE`), then replay it here: every cache size is simulated with each of the runtime's own
+    policies (--cache-policy lru / lfu; for reference, the optimal policy), so you can choose --cache-gb
+    and --cache-policy from evidence.
 
     \b
     Examples:
       streamer advise route.jsonl --model mlx-community/Qwen3.5-35B-A3B-4bit --compute-ms 45
       streamer advise route.jsonl --model ./packed --cache-gb 8,16,32 --read-gbps 5 --json
     """
-    from streamer.tuning.advise import advise_slots
+    from streamer.tuning.advise import advise_slots, recommend_policy
     from streamer.tuning.cache_sim import read_trace
 
     steps = read_trace(trace)
@@ -146,6 +147,7 @@ def advise(trace, model, cache_gb, slots, compute_ms, read_gbps, as_json):
         rows = advise_slots(steps, None if counts is None else [int(c) for c in counts])
     else:
         rows, info = _advise_model(steps, model, cache_gb, compute_ms, read_gbps, info)
+    info["recommended_policy"] = recommend_policy(rows)
     if as_json:
         click.echo(json.dumps({**info, "rows": [r.__dict__ for r in rows]}))
     else:
@@ -179,18 +181,26 @@ def _advise_model(steps, model, cache_gb, compute_ms, read_gbps, info):
 
 def _print_advice(rows, info: dict) -> None:
     with_gb = rows[0].cache_bytes is not None
-    head = f"{'cache' if with_gb else 'slots':>9} {'experts':>8} {'hit rate':>9} {'optimal':>8}"
+    policies = list(rows[0].policy_hit_rates)
+    head = f"{'cache' if with_gb else 'slots':>9} {'experts':>8}"
+    head += "".join(f" {p:>7}" for p in policies) + f" {'optimal':>8}"
     if with_gb:
         head += f" {'MB/token':>9} {'tok/s':>7} {'overlap':>8}"
     click.echo(head)
     for r in rows:
         line = f"{_size(r.cache_bytes):>9} " if with_gb else f"{r.slots:>9d} "
-        line += f"{100 * r.share:>7.1f}% {100 * r.hit_rate:>8.1f}% {100 * r.optimal_hit_rate:>7.1f}%"
+        line += f"{100 * r.share:>7.1f}%"
+        line += "".join(f" {100 * r.policy_hit_rates[p]:>6.1f}%" for p in policies)
+        line += f" {100 * r.optimal_hit_rate:>7.1f}%"
         if with_gb:
             line += f" {r.missed_mb_per_token:>9.1f}"
             if r.serial_tps is not None:
                 line += f" {r.serial_tps:>7.2f} {r.overlapped_tps:>8.2f}"
         click.echo(line)
+    click.echo(
+        f"recommended: --cache-policy {info['recommended_policy']} (most hits over these sizes; "
+        "MB/token and tok/s are for the best policy at each size)"
+    )
     if not with_gb:
         click.echo("(experts = share of the experts the trace touches; pass --model for GB and tok/s)")
         return

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from streamer.errors import ConfigError
+from streamer.experts.policy import DEFAULT_POLICY, POLICIES
 from streamer.loader import Engine, is_packed, load_engine
 from streamer.settings import IO_MODES, PREFETCH_MODES, RuntimeConfig
 
@@ -49,6 +50,14 @@ def runtime_options(command):
             show_default=True,
             help="off: read misses one by one; parallel: read a layer's misses at once; "
             "predict: also guess the next layer's experts early.",
+        ),
+        click.option(
+            "--cache-policy",
+            type=click.Choice(POLICIES),
+            default=DEFAULT_POLICY,
+            show_default=True,
+            help="Which cached expert a miss evicts: lfu (least frequently used, with aging; keeps the "
+            "experts a model routes to most) or lru (least recently used).",
         ),
         click.option("--threads", type=int, default=8, show_default=True, help="Expert reader threads."),
         click.option(
@@ -91,6 +100,7 @@ def runtime_config(
     dtype: str | None,
     io_timeout: float = 60.0,
     verify_reads: bool = False,
+    cache_policy: str = DEFAULT_POLICY,
 ) -> RuntimeConfig:
     """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
     if cache_gb is not None and not (cache_gb > 0 and math.isfinite(cache_gb)):
@@ -106,6 +116,7 @@ def runtime_config(
         dtype=dtype,
         io_timeout_s=io_timeout,
         verify_reads=verify_reads,
+        cache_policy=cache_policy,
     )
 
 
@@ -115,6 +126,7 @@ def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
     names = ("cache_gb", "cache_experts", "io_mode", "prefetch", "threads", "dtype")
     values = {n: kwargs.pop(n) for n in names}
     io = {"io_timeout": kwargs.pop("io_timeout", 60.0), "verify_reads": kwargs.pop("verify_reads", False)}
+    io["cache_policy"] = kwargs.pop("cache_policy", DEFAULT_POLICY)
     return runtime_config(**values, **io), resident
 
 

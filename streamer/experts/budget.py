@@ -7,7 +7,6 @@ from __future__ import annotations
 from streamer.experts.runtime import block_shape_of
 from streamer.models.args import ModelArgs
 from streamer.models.load import _resolve_dtype
-from streamer.settings import RuntimeConfig
 
 # Memory left to the OS, the page cache's working set and activations when the budget is derived:
 # RAM × (1 − RAM_SHARE) plus this much, or less on small machines (see ``headroom_bytes``).
@@ -83,22 +82,24 @@ def default_cache_bytes(resident_bytes: int, expert_bytes: int, ram_bytes: int |
     return max(0, min(expert_bytes, int(ram * RAM_SHARE) - resident_bytes - headroom_bytes(ram)))
 
 
-def _cache_budget(packed, args: ModelArgs, config: RuntimeConfig) -> int:
-    """Bytes for expert slots from --cache-gb, --cache-experts or the RAM-derived default.
+def cache_budget(
+    packed, args: ModelArgs, cache_bytes: int | None, cache_experts: int | None, dtype: str | None
+) -> int:
+    """Bytes for expert slots from --cache-gb (``cache_bytes``), --cache-experts or the RAM-derived default.
 
     Sizes are slots in memory (floats widened to the activation dtype's promotion, see expert_cache),
     which can exceed the blocks on disk: --cache-experts N buys N experts whatever that costs.
     """
     layers = packed.manifest.layers
-    if config.cache_bytes is not None:
-        return config.cache_bytes
-    dtype = _resolve_dtype(config.dtype)
+    if cache_bytes is not None:
+        return cache_bytes
+    dtype = _resolve_dtype(dtype)
     slot_bytes = [block_shape_of(e, dtype).nbytes for e in layers]
-    if config.cache_experts is not None:
+    if cache_experts is not None:
         mean = sum(b * e.num_experts for b, e in zip(slot_bytes, layers, strict=True)) / sum(
             e.num_experts for e in layers
         )
-        return int(config.cache_experts * mean)
+        return int(cache_experts * mean)
     all_slots = sum(b * e.num_experts for b, e in zip(slot_bytes, layers, strict=True))
     return max(
         minimum_cache_bytes(packed, args, dtype),

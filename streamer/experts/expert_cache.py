@@ -30,13 +30,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import cachetools
 import mlx.core as mx
 import numpy as np
 
 from streamer.errors import ConfigError
+from streamer.experts.policy import DEFAULT_POLICY
+from streamer.experts.slot_book import CacheFullError, SlotBook  # noqa: F401 - CacheFullError re-exported
 from streamer.storage.safetensors_file import tensor_nbytes
 
 # Storage dtype per safetensors dtype: slots are written as raw integers of the same width and read
@@ -159,17 +160,6 @@ class SlotPool:
         return SlotBuffers(self, slot)
 
 
-@dataclass
-class _PoolState:
-    pool: SlotPool
-    lru: cachetools.LRUCache  # (layer, expert) -> slot, for slots holding committed data
-    free: list[int] = field(default_factory=list)
-
-
-class CacheFullError(RuntimeError):
-    """Every slot of a pool is pinned: the budget cannot hold what one step needs."""
-
-
 class ExpertCache:
     """Maps (layer, expert) to slots within a byte budget. Single-threaded by design (see module doc).
 
@@ -178,6 +168,7 @@ class ExpertCache:
         layer_experts: number of experts per layer (REAP-pruned models differ per layer).
         budget_bytes: bytes of expert slots in all pools together.
         min_slots: the fewest slots any pool gets (at least one layer's top-k).
+        policy: the eviction policy of every pool (``experts/policy.py``: "lru" or "lfu").
     """
 
     def __init__(
@@ -186,30 +177,32 @@ class ExpertCache:
         layer_experts: Mapping[int, int],
         budget_bytes: int,
         min_slots: int,
+        policy: str = DEFAULT_POLICY,
     ):
         self._pool_of_layer = dict(layer_shapes)
+        self.policy = policy
         self.slots_per_shape = plan_slots(layer_shapes, layer_experts, budget_bytes, min_slots)
-        self._pools = {
-            shape: _PoolState(SlotPool(shape, n), cachetools.LRUCache(maxsize=n), list(range(n)))
-            for shape, n in self.slots_per_shape.items()
-        }
+        self._pools = {shape: SlotPool(shape, n) for shape, n in self.slots_per_shape.items()}
+        self._books = {shape: SlotBook(n, policy) for shape, n in self.slots_per_shape.items()}
         self._experts_per_shape: Counter = Counter()
         for layer, shape in layer_shapes.items():
             self._experts_per_shape[shape] += layer_experts[layer]
-        self._pins: Counter = Counter()  # (shape, slot) -> pin count
         self.evictions = 0  # committed experts dropped to make room
         self.generation = 0  # changes whenever an expert enters or leaves a slot
+
+    def _book(self, layer: int) -> SlotBook:
+        return self._books[self._pool_of_layer[layer]]
 
     @property
     def all_resident(self) -> bool:
         """Every expert of every layer is committed to a slot. Then nothing can miss, so nothing is ever
         evicted or refilled again: slots are fixed and a graph may read them unpinned and unevaluated."""
-        return all(len(st.lru) == self._experts_per_shape[shape] for shape, st in self._pools.items())
+        return all(len(book) == self._experts_per_shape[shape] for shape, book in self._books.items())
 
     def slot_table(self, layer: int, num_experts: int) -> np.ndarray:
-        """expert -> slot of ``layer`` (int32, -1 where not cached), without touching LRU order."""
+        """expert -> slot of ``layer`` (int32, -1 where not cached), without counting uses."""
         table = np.full(num_experts, -1, dtype=np.int32)
-        for (l, e), slot in self._pools[self._pool_of_layer[layer]].lru.items():
+        for (l, e), slot in self._book(layer).items():
             if l == layer:
                 table[e] = slot
         return table
@@ -219,95 +212,62 @@ class ExpertCache:
         return sum(s.nbytes * n for s, n in self.slots_per_shape.items())
 
     def pool(self, layer: int) -> SlotPool:
-        return self._pools[self._pool_of_layer[layer]].pool
+        return self._pools[self._pool_of_layer[layer]]
 
     def lookup(self, layer: int, expert: int) -> int | None:
-        """The slot holding (layer, expert), marking it most recently used; None on a miss."""
-        return self._pools[self._pool_of_layer[layer]].lru.get((layer, expert))
+        """The slot holding (layer, expert), counting a use for the policy; None on a miss."""
+        return self._book(layer).lookup((layer, expert))
 
     def __contains__(self, key: tuple[int, int]) -> bool:
-        return key in self._pools[self._pool_of_layer[key[0]]].lru
+        return key in self._book(key[0])
 
     def allocate(self, layer: int, expert: int) -> int:
         """A pinned slot for (layer, expert) to be filled; ``commit`` or ``abort`` it afterwards.
 
-        Takes a free slot or evicts the least recently used unpinned one.
+        Takes a free slot or evicts the policy's victim among the unpinned ones.
 
         Raises:
             CacheFullError: every slot of the layer's pool is pinned.
         """
-        shape = self._pool_of_layer[layer]
-        state = self._pools[shape]
-        if state.free:
-            slot = state.free.pop()
-        else:
-            slot = self._evict(shape, state)
-        self._pins[(shape, slot)] += 1
+        slot, evicted = self._book(layer).allocate()
+        if evicted:
+            self.evictions += 1
+            self.generation += 1
         return slot
-
-    def _evict(self, shape: BlockShape, state: _PoolState) -> int:
-        skipped = []
-        try:
-            while state.lru:
-                key, slot = state.lru.popitem()  # least recently used first
-                if self._pins[(shape, slot)]:
-                    skipped.append((key, slot))
-                    continue
-                self.evictions += 1
-                self.generation += 1
-                return slot
-            raise CacheFullError(
-                f"all {state.pool.slots} expert slots are in use by the current step; "
-                "raise --cache-gb (the cache must hold at least one layer's top-k experts)"
-            )
-        finally:
-            for key, slot in reversed(skipped):  # pinned entries stay, now most recently used
-                state.lru[key] = slot
 
     def commit(self, layer: int, expert: int, slot: int) -> None:
         """Records that ``slot`` now holds (layer, expert). The slot stays pinned until ``unpin``."""
-        self._pools[self._pool_of_layer[layer]].lru[(layer, expert)] = slot
+        self._book(layer).commit((layer, expert), slot)
         self.generation += 1
 
     def abort(self, layer: int, slot: int) -> None:
         """Returns a slot whose fill failed to the free list."""
-        shape = self._pool_of_layer[layer]
-        self._unpin_one(shape, slot)
-        self._pools[shape].free.append(slot)
+        self._book(layer).abort(slot)
         self.generation += 1
 
     def pin(self, layer: int, slots: Iterable[int]) -> None:
-        shape = self._pool_of_layer[layer]
+        book = self._book(layer)
         for s in slots:
-            self._pins[(shape, s)] += 1
+            book.pin(s)
 
     def unpin(self, layer: int, slots: Iterable[int]) -> None:
-        shape = self._pool_of_layer[layer]
+        book = self._book(layer)
         for s in slots:
-            self._unpin_one(shape, s)
-
-    def _unpin_one(self, shape: BlockShape, slot: int) -> None:
-        key = (shape, slot)
-        assert self._pins[key] > 0, f"slot {slot} unpinned more often than pinned"
-        self._pins[key] -= 1
-        if not self._pins[key]:
-            del self._pins[key]
+            book.unpin(s)
 
     def pinned_count(self) -> int:
-        return len(self._pins)
+        return sum(book.pinned for book in self._books.values())
 
     def pinned_count_in(self, layer: int) -> int:
         """Pinned slots in the pool that serves ``layer``."""
-        shape = self._pool_of_layer[layer]
-        return sum(1 for (s, _) in self._pins if s == shape)
+        return self._book(layer).pinned
 
     def used_slots(self, layer: int) -> int:
         """Slots holding committed experts in the pool that serves ``layer`` (all layers sharing it)."""
-        return len(self._pools[self._pool_of_layer[layer]].lru)
+        return len(self._book(layer))
 
     def resident_experts(self, layer: int) -> list[int]:
-        state = self._pools[self._pool_of_layer[layer]]
-        return sorted(e for (l, e) in state.lru if l == layer)
+        return sorted(e for (l, e), _ in self._book(layer).items() if l == layer)
 
 
 def plan_slots(

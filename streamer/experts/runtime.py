@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from streamer.experts.expert_cache import BlockShape, Component, ExpertCache, slot_dtype
+from streamer.experts.policy import DEFAULT_POLICY
 from streamer.experts.readahead import ReadAhead
 from streamer.experts.readers import ReaderPool
 from streamer.experts.store import ExpertReadTimeout, ExpertStore
@@ -68,7 +69,8 @@ class ExpertRuntime:
         prefetch: str = "parallel",
         fault=None,
         dtype: mx.Dtype | None = None,
-        verify_reads: bool = True,
+        verify_reads: bool = False,
+        policy: str = DEFAULT_POLICY,
     ):
         self.packed = packed
         self.prefetch_mode = prefetch
@@ -77,7 +79,8 @@ class ExpertRuntime:
         self.dtype = dtype or default_dtype()
         layers = packed.manifest.layers
         shapes = {e.layer: block_shape_of(e, self.dtype) for e in layers}
-        self.cache = ExpertCache(shapes, {e.layer: e.num_experts for e in layers}, cache_bytes, min_slots)
+        experts = {e.layer: e.num_experts for e in layers}
+        self.cache = ExpertCache(shapes, experts, cache_bytes, min_slots, policy=policy)
         self._tables: dict[int, mx.array] = {}
         self._tables_generation = -1
         self.store = ExpertStore(packed, io_mode, fault=fault, verify=verify_reads)

@@ -25,11 +25,11 @@ import zlib
 from collections.abc import Callable, Sequence
 
 from streamer.errors import PackedFormatError, StreamerError
-from streamer.settings import IO_MODES
 from streamer.storage.files import read_into
 from streamer.storage.packed import PackedModel, repair_hint
 from streamer.storage.packed_format import LayerEntry
 
+IO_MODES = ("buffered", "direct")  # --io: through the page cache, or around it
 _DIRECT_ALIGN = 4096
 _F_NOCACHE = 48  # macOS fcntl command; not exposed by Python's fcntl module
 

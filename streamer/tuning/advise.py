@@ -1,8 +1,10 @@
 """``streamer advise``: hit rate and expected decode speed per cache size, from a routing trace.
 
 The trace (recorded on the user's machine with ``--trace``) is replayed through ``cache_sim`` at several
-budgets. With the packed model, a budget is split into slot pools exactly as the runtime splits it
-(``plan_slots`` over the manifest's block shapes) and every decode miss costs its layer's block bytes.
+budgets, with every ``--cache-policy`` and the optimal policy; each row reports the best policy's misses and
+``recommend_policy`` names the policy to use. With the packed model, a budget is split into slot pools
+exactly as the runtime splits it (``plan_slots`` over the manifest's block shapes) and every decode miss
+costs its layer's block bytes.
 Expected time per decode token, from the simulated misses:
 
     serial      = compute + missed bytes / read bandwidth    (reads wait for compute; the usual case)
@@ -15,10 +17,11 @@ the real one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from streamer.errors import ConfigError
 from streamer.experts.expert_cache import plan_slots
+from streamer.experts.policy import DEFAULT_POLICY, POLICIES
 from streamer.experts.runtime import block_shape_of
 from streamer.models.args import ModelArgs
 from streamer.storage.packed_format import Manifest
@@ -27,7 +30,7 @@ from streamer.tuning.cache_sim import (
     TraceError,
     decode_tokens,
     distinct_experts,
-    simulate_lru,
+    simulate,
     simulate_optimal,
 )
 
@@ -42,8 +45,10 @@ class AdviceRow:
     cache_bytes: int | None  # None when the model is not known (sizes are then slot counts)
     slots: int
     share: float  # of all experts (with a model) or of the experts the trace touches (without)
-    hit_rate: float
+    hit_rate: float  # of ``policy``, the best policy at this size
     optimal_hit_rate: float
+    policy: str = DEFAULT_POLICY
+    policy_hit_rates: dict = field(default_factory=dict)  # every --cache-policy -> decode hit rate
     missed_mb_per_token: float | None = None
     serial_tps: float | None = None
     overlapped_tps: float | None = None
@@ -87,15 +92,18 @@ def advise_model(
     rows = []
     for budget in budgets:
         plan = plan_slots(shapes, counts, budget, args.num_experts_per_tok)
-        lru = simulate_lru(steps, plan, pool_of_layer=shapes)
+        results = {p: simulate(steps, plan, pool_of_layer=shapes, policy=p) for p in POLICIES}
+        best = _best(results)
         opt = simulate_optimal(steps, plan, pool_of_layer=shapes)
-        missed = sum(n * layers[l].block_bytes for l, n in lru.misses_by_layer.items()) / n_tokens
+        missed = sum(n * layers[l].block_bytes for l, n in results[best].misses_by_layer.items()) / n_tokens
         row = AdviceRow(
             cache_bytes=sum(s.nbytes * n for s, n in plan.items()),
             slots=sum(plan.values()),
             share=sum(plan.values()) / total_experts,
-            hit_rate=lru.decode_hit_rate,
+            hit_rate=results[best].decode_hit_rate,
             optimal_hit_rate=opt.decode_hit_rate,
+            policy=best,
+            policy_hit_rates={p: r.decode_hit_rate for p, r in results.items()},
             missed_mb_per_token=missed / 1e6,
         )
         if read_gbps:
@@ -127,6 +135,20 @@ def advise_slots(steps: Sequence[Step], slot_counts: Sequence[int] | None = None
     for n in slot_counts:
         if n < widest:
             raise ConfigError(f"{n} slots cannot hold one decode step's {widest} experts")
-        lru, opt = simulate_lru(steps, n), simulate_optimal(steps, n)
-        rows.append(AdviceRow(None, n, n / seen, lru.decode_hit_rate, opt.decode_hit_rate))
+        results = {p: simulate(steps, n, policy=p) for p in POLICIES}
+        best = _best(results)
+        rates = {p: r.decode_hit_rate for p, r in results.items()}
+        opt = simulate_optimal(steps, n).decode_hit_rate
+        rows.append(AdviceRow(None, n, n / seen, rates[best], opt, best, rates))
     return rows
+
+
+def _best(results: dict) -> str:
+    """The policy with the most decode hits; the default wins ties."""
+    return max(results, key=lambda p: (results[p].decode_hits, p == DEFAULT_POLICY))
+
+
+def recommend_policy(rows: Sequence[AdviceRow]) -> str:
+    """The ``--cache-policy`` with the most hits summed over the sizes tried (the default on a tie)."""
+    totals = {p: sum(r.policy_hit_rates.get(p, 0.0) for r in rows) for p in POLICIES}
+    return max(totals, key=lambda p: (round(totals[p], 9), p == DEFAULT_POLICY))

@@ -5,15 +5,16 @@ layer call in execution order: ``{"pos": P, "layer": l, "experts": [[K ids] per 
 one *step*: the layer needs the union of its tokens' experts in slots at once (a decode step has one
 token, a prefill chunk many).
 
-Two policies over the same stream of (layer, expert) accesses, per slot pool (layers whose expert blocks
-have the same shape share one pool, as in ``ExpertCache``):
+Policies over the same stream of (layer, expert) accesses, per slot pool (layers whose expert blocks have
+the same shape share one pool, as in ``ExpertCache``):
 
-- ``simulate_lru`` mirrors ``ExpertCache`` driven by ``ExpertRuntime.begin`` step for step (one pass over
-  the step's experts in id order; misses committed after the step; a step with more distinct experts than
-  slots runs in batches of ``slots``), so its hit count equals the runtime's with ``--prefetch parallel``.
+- ``simulate`` (and ``simulate_lru`` / ``simulate_lfu``) drives the runtime's own bookkeeping,
+  ``experts.slot_book.SlotBook`` with the runtime's policy objects, the way ``ExpertRuntime.begin`` does
+  (a step's hits looked up and pinned first, then its misses placed, committed after the step; a step with
+  more distinct experts than slots runs in batches of ``slots``), so its hit count is the runtime's with
+  ``--prefetch parallel`` and the same ``--cache-policy``.
 - ``simulate_optimal`` is Belady's MIN: on a miss, evict the cached expert whose next use is farthest
   away (never one the current step needs). No policy can have more hits on the same stream.
-- ``simulate_lfu`` is a candidate for comparison: evict the expert used least often so far.
 
 Names: S = slots in a pool, B = a batch of distinct experts needed at once.
 """
@@ -23,12 +24,13 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamer.errors import StreamerError
+from streamer.experts.policy import DEFAULT_POLICY
+from streamer.experts.slot_book import SlotBook
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -145,23 +147,44 @@ class SimResult:
         return self.decode_hits / max(self.decode_hits + self.decode_misses, 1)
 
 
+def simulate(
+    steps: Sequence[Step],
+    slots: int | Mapping[object, int],
+    pool_of_layer: Mapping[int, object] | None = None,
+    policy: str = DEFAULT_POLICY,
+    lookup_first: bool = True,
+) -> SimResult:
+    """Replays ``steps`` through slot pools run by ``policy`` as ``ExpertCache`` + ``ExpertRuntime`` do.
+
+    Args:
+        steps: the access stream (``read_trace``).
+        slots: slots of the one pool, or slots per pool id when ``pool_of_layer`` is given.
+        pool_of_layer: layer -> pool id (layers with equal block shapes share a pool); None = one pool.
+        policy: an eviction policy of ``experts/policy.py`` (``--cache-policy``).
+        lookup_first: look up (and pin) all of a step's hits before placing any miss, so a miss never
+            evicts an expert the same step needs, as the runtime does; False replays the older one-pass
+            order (hits and misses interleaved in id order) for comparison.
+    """
+    return _per_pool(steps, slots, pool_of_layer, lambda s, n: _book_pool(s, n, policy, lookup_first))
+
+
 def simulate_lru(
     steps: Sequence[Step],
     slots: int | Mapping[object, int],
     pool_of_layer: Mapping[int, object] | None = None,
     lookup_first: bool = True,
 ) -> SimResult:
-    """Replays ``steps`` through LRU slot pools exactly as ``ExpertCache`` + ``ExpertRuntime`` do.
+    """``simulate`` with ``--cache-policy lru``."""
+    return simulate(steps, slots, pool_of_layer, "lru", lookup_first)
 
-    Args:
-        steps: the access stream (``read_trace``).
-        slots: slots of the one pool, or slots per pool id when ``pool_of_layer`` is given.
-        pool_of_layer: layer -> pool id (layers with equal block shapes share a pool); None = one pool.
-        lookup_first: look up (and pin) all of a step's hits before placing any miss, so a miss never
-            evicts an expert the same step needs, as the runtime does; False replays the older one-pass
-            order (hits and misses interleaved in id order) for comparison.
-    """
-    return _per_pool(steps, slots, pool_of_layer, lambda s, n: _lru_pool(s, n, lookup_first))
+
+def simulate_lfu(
+    steps: Sequence[Step],
+    slots: int | Mapping[object, int],
+    pool_of_layer: Mapping[int, object] | None = None,
+) -> SimResult:
+    """``simulate`` with ``--cache-policy lfu`` (least frequently used, with aging)."""
+    return simulate(steps, slots, pool_of_layer, "lfu")
 
 
 def simulate_optimal(
@@ -171,18 +194,6 @@ def simulate_optimal(
 ) -> SimResult:
     """Belady's MIN over the same stream and pools as ``simulate_lru``: the most hits any policy gets."""
     return _per_pool(steps, slots, pool_of_layer, _optimal_pool)
-
-
-def simulate_lfu(
-    steps: Sequence[Step],
-    slots: int | Mapping[object, int],
-    pool_of_layer: Mapping[int, object] | None = None,
-) -> SimResult:
-    """A candidate policy, not the runtime's: evict the expert used least often so far (ties: least recently).
-
-    Counts persist after eviction, so a popular expert that was pushed out comes back ahead of one-offs.
-    """
-    return _per_pool(steps, slots, pool_of_layer, _lfu_pool)
 
 
 def _per_pool(steps, slots, pool_of_layer, run) -> SimResult:
@@ -205,87 +216,35 @@ def _batches(steps: Sequence[Step], slots: int) -> Iterator[tuple[Step, tuple[in
             yield step, step.experts[start : start + slots]
 
 
-def _lru_pool(steps: Sequence[Step], slots: int, lookup_first: bool) -> SimResult:
+def _book_pool(steps: Sequence[Step], slots: int, policy: str, lookup_first: bool) -> SimResult:
     result = SimResult()
-    lru: OrderedDict[Key, None] = OrderedDict()  # committed experts, least recently used first
-    free = slots
+    book = SlotBook(slots, policy)
     for step, batch in _batches(steps, slots):
         keys = [(step.layer, e) for e in batch]
-        pinned: set[Key] = set()
-        if lookup_first:  # pass 1: every hit becomes most recent and pinned before any miss evicts
+        used: dict[Key, int] = {}
+        if lookup_first:  # pass 1: every hit is used and pinned before any miss evicts
             for key in keys:
-                if key in lru:
-                    lru.move_to_end(key)
-                    pinned.add(key)
+                if (slot := book.lookup(key)) is not None:
+                    book.pin(slot)
+                    used[key] = slot
                     result.count(step, hit=True)
         missed = []
         for key in keys:
-            if key in pinned:
+            if key in used:
                 continue
-            if key in lru:
-                lru.move_to_end(key)
-                pinned.add(key)
+            if (slot := book.lookup(key)) is not None:
+                book.pin(slot)
                 result.count(step, hit=True)
-                continue
-            if free:
-                free -= 1
             else:
-                _evict_lru(lru, pinned)
-            missed.append(key)
-            result.count(step, hit=False)
-        for key in missed:  # committed once the step's reads finish
-            lru[key] = None
+                slot, _ = book.allocate()
+                missed.append((key, slot))
+                result.count(step, hit=False)
+            used[key] = slot
+        for key, slot in missed:  # committed once the step's reads finish
+            book.commit(key, slot)
+        for slot in used.values():
+            book.unpin(slot)
     return result
-
-
-def _evict_lru(lru: OrderedDict, pinned: set) -> None:
-    # As ExpertCache._evict: pinned entries popped on the way are put back, now most recently used.
-    skipped = []
-    while lru:
-        key, _ = lru.popitem(last=False)
-        if key not in pinned:
-            break
-        skipped.append(key)
-    else:
-        raise AssertionError("every slot pinned: a batch never exceeds the pool")
-    for key in reversed(skipped):
-        lru[key] = None
-
-
-def _lfu_pool(steps: Sequence[Step], slots: int) -> SimResult:
-    result = SimResult()
-    uses: dict[Key, int] = {}
-    cached: dict[Key, tuple[int, int]] = {}  # key -> (uses, last use) as pushed on the heap
-    heap: list[tuple[int, int, Key]] = []  # (uses, last use, key); stale entries skipped on pop
-    for clock, (step, batch) in enumerate(_batches(steps, slots)):
-        keys = [(step.layer, e) for e in batch]
-        needed = set(keys)
-        for key in keys:
-            hit = key in cached
-            result.count(step, hit)
-            if not hit and len(cached) >= slots:
-                _evict_least(cached, heap, needed)
-            uses[key] = uses.get(key, 0) + 1
-            cached[key] = (uses[key], clock)
-            heapq.heappush(heap, (uses[key], clock, key))
-    return result
-
-
-def _evict_least(cached: dict[Key, tuple[int, int]], heap: list, needed: set[Key]) -> None:
-    held = []
-    while heap:
-        item = heapq.heappop(heap)
-        if cached.get(item[2]) != item[:2]:
-            continue  # stale
-        if item[2] in needed:
-            held.append(item)
-            continue
-        del cached[item[2]]
-        break
-    else:
-        raise AssertionError("nothing evictable: a batch never exceeds the pool")
-    for item in held:
-        heapq.heappush(heap, item)
 
 
 def _optimal_pool(steps: Sequence[Step], slots: int) -> SimResult:
