@@ -314,6 +314,22 @@ def test_no_model_uses_the_demo_and_says_so(env):
 # `streamer chat` in a terminal
 
 
+def _wait_until_blocked_in_select(pid: int, timeout: float = 10) -> None:
+    """Polls the kernel's wait channel of ``pid`` until it sleeps in select()/poll() (Linux, bounded by
+    ``timeout``); where the kernel does not say, a half-second pause is the best available guess."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            where = wchan.read_text()
+        except OSError:
+            break
+        if "select" in where or "poll" in where:
+            return
+        time.sleep(0.01)
+    time.sleep(0.5)
+
+
 def _exits_within(proc, seconds: float) -> bool:
     try:
         proc.wait(timeout=seconds)
@@ -385,7 +401,6 @@ def test_terminal_ctrl_c_stops_the_answer_then_the_chat_goes_on(model, env):
         assert b"/help for commands" in term.expect(b">>> ")
         term.send(b"hi\n")
         term.expect(b"\x1b[2m")  # thinking, dimmed: the answer has begun
-        time.sleep(0.05)
         term.interrupt()
         answer = term.expect(b">>> ")
         assert b"(interrupted)" in answer and b"\x1b[0m" in answer
@@ -416,8 +431,9 @@ def test_terminal_ctrl_c_at_the_prompt_exits(model, env):
         term.send(b"hi\n")
         term.expect(b">>> ", timeout=60)
         # CPython's readline prints the prompt before it waits in select(); a SIGINT landing in between is
-        # only seen at the next key press. A person would press again: so does the test.
-        time.sleep(0.5)
+        # only seen at the next key press. Wait until the process sleeps in select/poll, then press; if it
+        # was not seen anyway, a person would press again: so does the test.
+        _wait_until_blocked_in_select(term.proc.pid)
         term.interrupt()
         if not _exits_within(term.proc, 10):
             term.interrupt()
