@@ -345,3 +345,19 @@ def test_long_prompt_with_carried_state_matches_mlx_lm(checkpoint, preset, tmp_p
             fresh[i] = cache[i]  # keep attention's KV; only DeltaNet state is dropped
     late_restarted = chunked(prompt[:, 128:], cache=fresh)
     assert _max_diff(late_restarted[:, -1], want[:, -1]) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# bfloat16 activations, as a Mac runs the published checkpoints.
+
+
+def test_bf16_greedy_tokens_match_mlx_lm_after_multi_token_prompts(checkpoint):
+    """With bf16 activations on a CPU, 12-token prompts then 16 greedy tokens equal mlx-lm's: the prompt
+    runs the recurrent delta rule as mlx-lm's CPU path does (the chunked form's order diverged here)."""
+    path = checkpoint("tiny", "bfloat16")
+    ref = _reference(path)
+    model, args = load_model(path, dtype="bfloat16")
+    assert model.layers[0].linear_attn.delta_rule == "recurrent"
+    for seed in range(6):
+        prompt = _prompt(args.vocab_size, 12, seed=seed)
+        assert _greedy(model, prompt, 16) == _greedy(ref, prompt, 16), f"seed {seed}"

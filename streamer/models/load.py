@@ -33,14 +33,15 @@ def default_dtype() -> mx.Dtype:
 
 
 def load_model(
-    path: str | Path, dtype: mx.Dtype | str | None = None, *, delta_rule: DeltaRule = "chunked"
+    path: str | Path, dtype: mx.Dtype | str | None = None, *, delta_rule: DeltaRule | None = None
 ) -> tuple[Model, ModelArgs]:
     """Loads every weight of a checkpoint into memory.
 
     Args:
         path: checkpoint directory (config.json, model.safetensors.index.json, shards).
         dtype: activation / compute dtype; None picks ``default_dtype()``.
-        delta_rule: how DeltaNet layers run multi-token calls (see ``qwen3_5_moe.DeltaRule``).
+        delta_rule: how DeltaNet layers run multi-token calls (see ``qwen3_5_moe.DeltaRule``); None: the
+            model's default for ``dtype`` (``qwen3_5_moe.default_delta_rule``).
 
     Returns:
         (model with evaluated parameters, its ModelArgs).

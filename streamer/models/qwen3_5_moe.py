@@ -200,17 +200,33 @@ class LanguageModel(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
 
+def default_delta_rule(dtype: mx.Dtype) -> DeltaRule:
+    """The chunked form (fast prefill) in float32; the recurrent form for 16-bit activations on a CPU.
+
+    mlx-lm's CPU path runs the recurrent ops for prompts too. In float32 the chunked form agrees with them
+    to ~1e-5; in bfloat16 its different summation order changes greedy tokens (a 12-token prompt on a
+    random bf16 checkpoint diverged at the 4th token; recurrent: identical to mlx-lm on every case tried).
+    On a GPU mlx-lm runs its own kernel instead, and the chunked form stays (recurrent ops would make
+    prefill sequential there).
+    """
+    if dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return "chunked"
+    return "recurrent"
+
+
 class Model(nn.Module):
     """Token ids [B, L] -> logits [B, L, V].
 
     Args:
         args: the model's hyper-parameters.
         dtype: activation dtype; embeddings (whose dtype is that of the stored scales) are cast to it.
-        delta_rule: how DeltaNet layers process multi-token calls ("chunked" or "recurrent").
+        delta_rule: how DeltaNet layers process multi-token calls ("chunked" or "recurrent"); None picks
+            ``default_delta_rule(dtype)``.
     """
 
-    def __init__(self, args: ModelArgs, dtype: mx.Dtype = mx.float32, delta_rule: DeltaRule = "chunked"):
+    def __init__(self, args: ModelArgs, dtype: mx.Dtype = mx.float32, delta_rule: DeltaRule | None = None):
         super().__init__()
+        delta_rule = delta_rule or default_delta_rule(dtype)
         if delta_rule not in DELTA_RULES:
             raise ConfigError(f"delta_rule {delta_rule!r} is not one of {', '.join(DELTA_RULES)}")
         self.args = args
