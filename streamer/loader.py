@@ -7,6 +7,8 @@ the expert runtime (None when resident) and a ``stats()`` snapshot for telemetry
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +56,16 @@ def is_packed(path: Path) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
-def load_engine(path: str | Path, config: RuntimeConfig | None = None, *, resident: bool = False) -> Engine:
+def load_engine(
+    path: str | Path,
+    config: RuntimeConfig | None = None,
+    *,
+    resident: bool = False,
+    preload_progress: Callable[[int, int], None] | None = None,
+) -> Engine:
     """Loads a packed model (streamed experts) or, with ``resident``, a source checkpoint fully in memory.
+
+    ``config.preload`` fills the expert cache before returning (``preload_progress(done, total)``).
 
     Raises:
         CheckpointError: a source checkpoint given without ``resident`` (it must be repacked first).
@@ -63,7 +73,7 @@ def load_engine(path: str | Path, config: RuntimeConfig | None = None, *, reside
     path = Path(path)
     config = config or RuntimeConfig()
     if is_packed(path):
-        return load_streamed(path, config)
+        return load_streamed(path, config, preload_progress)
     if not resident:
         raise CheckpointError(
             f"{path} is a checkpoint, not a packed model: run `streamer repack {path}` first "
@@ -73,7 +83,9 @@ def load_engine(path: str | Path, config: RuntimeConfig | None = None, *, reside
     return Engine(model, args, Tokenizer(path), path)
 
 
-def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
+def load_streamed(
+    path: Path, config: RuntimeConfig, preload_progress: Callable[[int, int], None] | None = None
+) -> Engine:
     """Builds the model from a packed directory: resident weights loaded, experts behind the cache."""
     packed = open_packed(path)
     raw_config = read_config(packed)
@@ -103,16 +115,42 @@ def load_streamed(path: Path, config: RuntimeConfig) -> Engine:
         quantize_modules(model, spec)
         assign_weights(model, weights, model.dtype, source=path)
         mx.eval(model.parameters())
+        _wire_memory(packed.manifest.resident_bytes + runtime.cache.capacity_bytes)
+        log.info(
+            "expert cache: %.2f GB of %.2f GB experts",
+            runtime.cache.capacity_bytes / 1e9,
+            packed.manifest.expert_bytes / 1e9,
+        )
+        preload(runtime, path, config, preload_progress)
     except BaseException:
         runtime.close()
         raise
-    _wire_memory(packed.manifest.resident_bytes + runtime.cache.capacity_bytes)
-    log.info(
-        "expert cache: %.2f GB of %.2f GB experts",
-        runtime.cache.capacity_bytes / 1e9,
-        packed.manifest.expert_bytes / 1e9,
-    )
     return Engine(model, args, Tokenizer(path), path, runtime)
+
+
+def preload(
+    runtime: ExpertRuntime,
+    path: Path,
+    config: RuntimeConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Fills the expert cache as ``config.preload`` says; returns experts read.
+
+    Raises:
+        ProfileError: ``hot`` without a profile of this model (the message says how to make one).
+    """
+    if config.preload == "none":
+        return 0
+    start = time.perf_counter()
+    if config.preload == "all":
+        loaded = runtime.preload()
+    else:
+        from streamer.tuning.profile import hot_keys, load_profile_for
+
+        profile = load_profile_for(runtime, path, config.profile)
+        loaded = runtime.preload_keys(hot_keys(profile, runtime), progress=progress)
+    log.info("preloaded %d experts (%s) in %.1f s", loaded, config.preload, time.perf_counter() - start)
+    return loaded
 
 
 def check_matches_config(packed: PackedModel, args: ModelArgs) -> None:

@@ -10,6 +10,7 @@ from streamer.experts.policy import DEFAULT_POLICY, POLICIES
 from streamer.experts.store import IO_MODES
 
 PREFETCH_MODES = ("off", "parallel", "predict")
+PRELOAD_MODES = ("none", "hot", "all")
 
 
 @dataclass
@@ -39,6 +40,11 @@ class RuntimeConfig:
     # ISO-HDLC CRC (isal, zlib-ng) and on a Mac, where reads come from the SSD, not the page cache.
     verify_reads: bool = False
     cache_policy: str = DEFAULT_POLICY  # --cache-policy: which cached expert a miss evicts
+    # --preload: fill the cache before the first token. "hot": the most-routed experts of the model's
+    # profile (``profile`` or profile.json in the packed model; `streamer profile` writes it); "all":
+    # experts in layer and id order until full; "none": start empty.
+    preload: str = "none"
+    profile: str | None = None  # --profile: the profile file --preload hot reads
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_experts is not None:
@@ -55,6 +61,8 @@ class RuntimeConfig:
             raise ConfigError(
                 f"--cache-policy must be one of {', '.join(POLICIES)}, got {self.cache_policy!r}"
             )
+        if self.preload not in PRELOAD_MODES:
+            raise ConfigError(f"--preload must be one of {', '.join(PRELOAD_MODES)}, got {self.preload!r}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not (self.io_timeout_s > 0 and math.isfinite(self.io_timeout_s)):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import math
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import click
 from streamer.errors import ConfigError
 from streamer.experts.policy import DEFAULT_POLICY, POLICIES
 from streamer.loader import Engine, is_packed, load_engine
-from streamer.settings import IO_MODES, PREFETCH_MODES, RuntimeConfig
+from streamer.settings import IO_MODES, PREFETCH_MODES, PRELOAD_MODES, RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,21 @@ def runtime_options(command):
             show_default=True,
             help="Which cached expert a miss evicts: lfu (least frequently used, with aging; keeps the "
             "experts a model routes to most) or lru (least recently used).",
+        ),
+        click.option(
+            "--preload",
+            type=click.Choice(PRELOAD_MODES),
+            default="none",
+            show_default=True,
+            help="Fill the expert cache before the first token: hot = the model's most-routed experts "
+            "(from `streamer profile`), all = experts in layer order until full, none = start empty.",
+        ),
+        click.option(
+            "--profile",
+            "profile_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="The expert profile --preload hot reads (default: profile.json in the packed model).",
         ),
         click.option("--threads", type=int, default=8, show_default=True, help="Expert reader threads."),
         click.option(
@@ -101,6 +118,8 @@ def runtime_config(
     io_timeout: float = 60.0,
     verify_reads: bool = False,
     cache_policy: str = DEFAULT_POLICY,
+    preload: str = "none",
+    profile_path: str | None = None,
 ) -> RuntimeConfig:
     """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
     if cache_gb is not None and not (cache_gb > 0 and math.isfinite(cache_gb)):
@@ -117,6 +136,8 @@ def runtime_config(
         io_timeout_s=io_timeout,
         verify_reads=verify_reads,
         cache_policy=cache_policy,
+        preload=preload,
+        profile=profile_path,
     )
 
 
@@ -127,6 +148,8 @@ def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
     values = {n: kwargs.pop(n) for n in names}
     io = {"io_timeout": kwargs.pop("io_timeout", 60.0), "verify_reads": kwargs.pop("verify_reads", False)}
     io["cache_policy"] = kwargs.pop("cache_policy", DEFAULT_POLICY)
+    io["preload"] = kwargs.pop("preload", "none")
+    io["profile_path"] = kwargs.pop("profile_path", None)
     return runtime_config(**values, **io), resident
 
 
@@ -155,7 +178,30 @@ def resolve_model(model: str | None, resident: bool = False) -> Path:
 def open_engine(model: str | None, config: RuntimeConfig, resident: bool) -> Engine:
     path = resolve_model(model, resident)
     with sigint_blocked():  # threads MLX starts while loading must not take Ctrl-C (see cli.py)
-        return load_engine(path, config, resident=resident)
+        with progress_bar("preloading experts") as bar:
+            return load_engine(path, config, resident=resident, preload_progress=bar)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str):
+    """A ``progress(done, total)`` callback drawing a click progress bar on a terminal; to a pipe or a
+    log nothing is written (the bar opens at the first report, so a step that never reports shows none)."""
+    state = {}
+
+    def report(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            out = sys.stderr if sys.stderr.isatty() else io.StringIO()
+            bar = state["bar"] = click.progressbar(length=max(total, 1), label=label, file=out).__enter__()
+            state["shown"] = 0
+        bar.update(done - state["shown"])
+        state["shown"] = done
+
+    try:
+        yield report
+    finally:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -284,6 +284,45 @@ class ExpertRuntime:
         self.stats.reset()  # preloading is set-up, not traffic of the run
         return loaded
 
+    def preload_keys(self, keys: Sequence[tuple[int, int]], progress=None, window: int = 64) -> int:
+        """Reads the (layer, expert) ``keys``, most wanted first, into free slots; returns experts loaded.
+
+        Keys already cached are skipped, and so are keys whose pool has no free slot left for them (the
+        first ones win). Reads run in parallel, ``window`` at a time; they are committed in reverse order,
+        so the policy ranks the first key as the most recently and most often used: the last to be
+        evicted. ``progress(done, total)`` is called after each window.
+        """
+        room: dict[int, int] = {}  # id(pool) -> free slots
+        todo = []
+        for layer, expert in keys:
+            pool = self.cache.pool(layer)
+            free = room.setdefault(id(pool), pool.slots - self.cache.used_slots(layer))
+            if free > 0 and (layer, expert) not in self.cache:
+                room[id(pool)] = free - 1
+                todo.append((layer, expert))
+        todo.reverse()
+        for start in range(0, len(todo), window):
+            pending = []
+            try:
+                for layer, expert in todo[start : start + window]:
+                    slot = self.cache.allocate(layer, expert)
+                    pending.append(
+                        (layer, expert, slot, self._read(layer, expert, self.cache.pool(layer).buffers(slot)))
+                    )
+                while pending:
+                    layer, expert, slot, fut = pending[0]
+                    self._wait(layer, [(expert, slot, fut)])
+                    self.cache.unpin(layer, [slot])
+                    pending.pop(0)
+            except BaseException:
+                for layer, expert, slot, fut in pending:
+                    self.free_when_done(layer, expert, slot, fut)
+                raise
+            if progress:
+                progress(min(start + window, len(todo)), len(todo))
+        self.stats.reset()  # preloading is set-up, not traffic of the run
+        return len(todo)
+
     def close(self) -> None:
         self._reclaim()
         if self._orphans:  # a stuck read: do not wait for it, and leave its file open under it

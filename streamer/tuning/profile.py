@@ -1,0 +1,439 @@
+"""Expert profiles: how often each routed expert of a model is chosen, for ``--preload hot``.
+
+A profile is one JSON file (``profile.json`` in the packed model by default; the format is
+formats/PROFILE.md) holding, per layer, named per-expert arrays; version 1 has ``routed``: how many
+token positions routed to each expert. It is built by running the model teacher-forced over text
+(``profile_texts``: chunked prefill, a fresh context every ``window`` tokens so memory stays bounded) or
+from recorded routing traces (``profile_traces``), and names the model it belongs to (the fingerprint of
+``model_identity``), so a profile of one model is never applied to another.
+
+``hot_keys`` turns a profile into what ``ExpertRuntime.preload_keys`` fills: per slot pool, that pool's
+capacity of its most-routed experts, hottest first.
+
+Names: E = experts of a layer, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streamer.errors import StreamerError
+
+PROFILE_FILE = "profile.json"
+FORMAT = "streamer-expert-profile"
+VERSION = 1
+ROUTED = "routed"  # the per-expert array of routing counts
+WINDOW = 2048  # tokens per context when profiling text: each window starts from an empty cache
+_READ_BYTES = 1 << 20  # text is read, decoded and tokenized in pieces of about this size
+
+Key = tuple[int, int]  # (layer, expert)
+Progress = Callable[[int, int], None]
+
+
+class ProfileError(StreamerError):
+    """A profile, a text or a trace cannot be used: missing, malformed, another version or another model."""
+
+
+@dataclass
+class Profile:
+    """Per-expert statistics of one model.
+
+    ``arrays[layer][name]`` is a list with one number per expert of ``layer``; ``routed`` always exists.
+    """
+
+    model: dict  # {"name", "fingerprint"} of streamer.storage.session.model_identity
+    num_experts_per_tok: int
+    arrays: dict[int, dict[str, list]]
+    tokens: int = 0
+    sources: list[dict] = field(default_factory=list)  # {"kind", "name", "bytes", "tokens"}
+    created: str = ""
+
+    def counts(self, layer: int) -> list[int]:
+        return self.arrays[layer][ROUTED]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "tokens": self.tokens,
+            "sources": self.sources,
+            "created": self.created,
+            "layers": [
+                {"layer": layer, "num_experts": len(a[ROUTED]), "experts": a}
+                for layer, a in sorted(self.arrays.items())
+            ],
+        }
+
+
+def empty_profile(identity: dict, num_experts: Sequence[int], top_k: int) -> Profile:
+    """A profile with zero counts for a model of ``num_experts[layer]`` experts per layer."""
+    model = {"name": identity["name"], "fingerprint": identity["fingerprint"]}
+    arrays = {layer: {ROUTED: [0] * n} for layer, n in enumerate(num_experts)}
+    return Profile(model, top_k, arrays)
+
+
+def write_profile(profile: Profile, path: str | os.PathLike) -> Path:
+    """Writes ``profile`` atomically (a ``.partial`` file renamed when complete)."""
+    path = Path(path)
+    profile.created = profile.created or datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        # One line per layer keeps the file readable and diffable without a pretty-printer's bulk.
+        data = profile.to_json()
+        layers = data.pop("layers")
+        head = json.dumps(data, indent=1)[:-2]
+        body = ",\n".join("  " + json.dumps(layer) for layer in layers)
+        tmp.write_text(f'{head},\n "layers": [\n{body}\n ]\n}}\n')
+        tmp.replace(path)
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot write the profile ({e.strerror or e})") from None
+    return path
+
+
+def read_profile(path: str | os.PathLike) -> Profile:
+    """Parses a profile file.
+
+    Raises:
+        ProfileError: missing, not JSON, not a profile, a newer version, or inconsistent arrays.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read the profile ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProfileError(f"{path}: not a profile (not JSON); rewrite it with `streamer profile`") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ProfileError(f'{path}: not a streamer expert profile (no "format": "{FORMAT}")')
+    version = data.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ProfileError(f"{path}: profile has no valid version ({version!r})")
+    if version > VERSION:
+        raise ProfileError(
+            f"{path}: profile format version {version} is newer than this streamer reads ({VERSION}); "
+            "upgrade streamer or rewrite the profile with `streamer profile`"
+        )
+    try:
+        arrays = {}
+        for entry in data["layers"]:
+            layer, n, named = int(entry["layer"]), int(entry["num_experts"]), dict(entry["experts"])
+            if not isinstance(named.get(ROUTED), list):
+                raise ValueError(f"layer {layer} has no {ROUTED!r} array")
+            for name, values in named.items():
+                if not isinstance(values, list) or len(values) != n:
+                    raise ValueError(f"layer {layer} {name!r} has not {n} values")
+            if any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in named[ROUTED]):
+                raise ValueError(f"layer {layer} {ROUTED!r} holds a value that is not a count")
+            arrays[layer] = named
+        model = data["model"]
+        if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
+            raise ValueError("no model fingerprint")
+        return Profile(
+            model={"name": model.get("name", ""), "fingerprint": model["fingerprint"]},
+            num_experts_per_tok=int(data["num_experts_per_tok"]),
+            arrays=arrays,
+            tokens=int(data.get("tokens", 0)),
+            sources=list(data.get("sources", [])),
+            created=str(data.get("created", "")),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProfileError(f"{path}: malformed profile ({e}); rewrite it with `streamer profile`") from None
+
+
+def check_profile_matches(profile: Profile, identity: dict, num_experts: Sequence[int], source: str) -> None:
+    """Raises ProfileError unless ``profile`` was made for the model ``identity`` names."""
+    if profile.model["fingerprint"] != identity["fingerprint"]:
+        raise ProfileError(
+            f"{source} is the profile of model {profile.model.get('name')!r}, not of this one "
+            f"({identity['name']!r}); run `streamer profile {identity['name']} --text FILE` for this model"
+        )
+    shape = [
+        len(profile.arrays[layer][ROUTED]) if layer in profile.arrays else 0
+        for layer in range(len(num_experts))
+    ]
+    if shape != list(num_experts) or len(profile.arrays) != len(num_experts):
+        raise ProfileError(
+            f"{source}: its layers do not match this model's; rewrite it with `streamer profile`"
+        )
+
+
+def default_profile_path(model_dir: str | os.PathLike) -> Path:
+    return Path(model_dir) / PROFILE_FILE
+
+
+def load_profile_for(runtime, model_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Profile:
+    """The profile of the packed model at ``model_dir`` (``path``, else ``profile.json`` in it), checked
+    against the model the runtime serves.
+
+    Raises:
+        ProfileError: none there (saying how to make one), unreadable, or of another model.
+    """
+    from streamer.storage.session import model_identity
+
+    where = Path(path) if path else default_profile_path(model_dir)
+    if not where.is_file():
+        raise ProfileError(
+            f"--preload hot needs an expert profile and {where} does not exist; "
+            f"run `streamer profile {model_dir} --text FILE` first"
+        )
+    profile = read_profile(where)
+    num_experts = [e.num_experts for e in runtime.packed.manifest.layers]
+    check_profile_matches(profile, model_identity(model_dir), num_experts, str(where))
+    return profile
+
+
+def hot_keys(profile: Profile, runtime) -> list[Key]:
+    """Per slot pool, its capacity of the pool's most-routed experts; all of them, hottest first.
+
+    Ties go to the lower layer, then the lower expert id (deterministic).
+    """
+    pools: dict[int, tuple[int, list[int]]] = {}
+    for entry in runtime.packed.manifest.layers:
+        pool = runtime.cache.pool(entry.layer)
+        pools.setdefault(id(pool), (pool.slots, []))[1].append(entry.layer)
+    chosen: list[tuple[int, int, int]] = []
+    for slots, layers in pools.values():
+        ranked = sorted((-c, layer, e) for layer in layers for e, c in enumerate(profile.counts(layer)))
+        chosen.extend(ranked[:slots])
+    return [(layer, e) for _, layer, e in sorted(chosen)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Counting
+
+
+class Counter:
+    """An ``on_route`` hook: adds every token's K chosen experts to per-layer counts."""
+
+    def __init__(self, num_experts: Sequence[int]):
+        self.counts = [np.zeros(n, dtype=np.int64) for n in num_experts]
+        self.tokens = 0  # token positions seen at the first layer
+
+    def __call__(self, layer: int, ids) -> None:
+        ids = np.asarray(ids)
+        if layer == 0:
+            self.tokens += ids.shape[0]
+        self.counts[layer] += np.bincount(ids.reshape(-1), minlength=len(self.counts[layer]))
+
+    def add_to(self, profile: Profile) -> None:
+        for layer, c in enumerate(self.counts):
+            routed = profile.arrays[layer][ROUTED]
+            profile.arrays[layer][ROUTED] = [int(a) + int(b) for a, b in zip(routed, c, strict=True)]
+        profile.tokens += self.tokens
+
+
+def text_pieces(path: Path) -> Iterator[tuple[str, int]]:
+    """(text, bytes consumed) pieces of a UTF-8 file of about ``_READ_BYTES``, split after a newline.
+
+    Raises:
+        ProfileError: the file is missing or unreadable, or not UTF-8.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, carry = 0, ""
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(_READ_BYTES)
+                try:
+                    text = carry + decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    raise ProfileError(
+                        f"{path}: not UTF-8 text (byte {offset + e.start}); give a UTF-8 text file"
+                    ) from None
+                offset += len(raw)
+                if not raw:
+                    if text:
+                        yield text, len(raw)
+                    return
+                cut = text.rfind("\n") + 1
+                carry = text[cut:] if cut else text
+                if cut:
+                    yield text[:cut], len(raw)
+                else:
+                    yield "", len(raw)
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such text file") from None
+    except IsADirectoryError:
+        raise ProfileError(f"{path}: a directory, not a text file") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def profile_texts(
+    engine,
+    paths: Sequence[str | os.PathLike],
+    max_tokens: int | None = None,
+    window: int = WINDOW,
+    chunk: int | None = None,
+    progress: Progress | None = None,
+    on_route: Callable | None = None,
+) -> Profile:
+    """Runs ``engine`` teacher-forced over each text and counts every routing decision.
+
+    Each file starts a fresh context, and so does every ``window`` tokens of it (the KV cache never holds
+    more). ``max_tokens`` caps the tokens of all texts together. ``progress(bytes done, bytes total)``
+    is called after each chunk; ``on_route`` (e.g. a RouteTrace) sees the same routing as the counts.
+
+    Raises:
+        ProfileError: a text is missing, unreadable, not UTF-8 or has no tokens; or no runtime.
+    """
+    from streamer.generation.generate import PREFILL_CHUNK, prefill
+    from streamer.storage.session import model_identity
+
+    runtime = engine.runtime
+    if runtime is None:
+        raise ProfileError("profiling needs a packed model (a --resident run has no expert routing to count)")
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise ProfileError(f"{p}: no such text file")
+    chunk = chunk or PREFILL_CHUNK
+    num_experts = [e.num_experts for e in runtime.packed.manifest.layers]
+    profile = empty_profile(model_identity(engine.path), num_experts, engine.args.num_experts_per_tok)
+    sizes = [p.stat().st_size for p in paths]
+    vocab = engine.args.vocab_size
+    total, left, previous = sum(sizes), max_tokens, runtime.on_route
+    for i, path in enumerate(paths):
+        if left is not None and left <= 0:
+            break
+        counter = Counter(num_experts)
+        runtime.on_route = _both(counter, on_route)
+        run = _Windows(engine, window, lambda ids, cache: prefill(engine.model, ids, cache, chunk=chunk))
+        done, pending = sum(sizes[:i]), []
+        try:
+            for text, consumed in text_pieces(path):
+                ids = engine.tokenizer.encode(text) if text else []
+                if ids and max(ids) >= vocab:
+                    raise ProfileError(
+                        f"{path}: the model's tokenizer gives token id {max(ids)}, beyond its vocabulary "
+                        f"of {vocab} (a synthetic model without a matching tokenizer); profile with --trace"
+                    )
+                pending.extend(ids)
+                # Whole chunks run as they fill; the tail waits for more text (or the end of the file).
+                while len(pending) >= chunk and (left is None or run.tokens < left):
+                    n = chunk if left is None else min(chunk, left - run.tokens)
+                    run(pending[:n])
+                    del pending[:n]
+                done += consumed
+                if progress:
+                    progress(done, total)
+                if left is not None and run.tokens >= left:
+                    break
+            tail = pending if left is None else pending[: max(0, left - run.tokens)]
+            for start in range(0, len(tail), chunk):
+                run(tail[start : start + chunk])
+        finally:
+            runtime.on_route = previous
+        if run.tokens == 0:
+            raise ProfileError(f"{path}: the text is empty (no tokens to profile)")
+        counter.add_to(profile)
+        profile.sources.append({"kind": "text", "name": path.name, "bytes": sizes[i], "tokens": run.tokens})
+        if progress:
+            progress(sum(sizes[: i + 1]), total)
+        if left is not None:
+            left -= run.tokens
+    return profile
+
+
+class _Windows:
+    """Runs token pieces through the model in contexts of at most ``window`` tokens (a fresh cache each)."""
+
+    def __init__(self, engine, window: int, prefill: Callable):
+        self._engine, self._window, self._prefill = engine, window, prefill
+        self._cache, self._filled, self.tokens = None, 0, 0
+
+    def __call__(self, ids: list[int]) -> None:
+        if self._cache is None or self._filled + len(ids) > self._window:
+            self._cache, self._filled = self._engine.model.make_cache(), 0
+        self._prefill(ids, self._cache)
+        self._filled += len(ids)
+        self.tokens += len(ids)
+
+
+def _both(first: Callable, second: Callable | None) -> Callable:
+    if second is None:
+        return first
+
+    def hook(layer, ids):
+        first(layer, ids)
+        second(layer, ids)
+
+    return hook
+
+
+def profile_traces(
+    paths: Sequence[str | os.PathLike], identity: dict, num_experts: Sequence[int], top_k: int
+) -> Profile:
+    """Counts the routing recorded in trace files (``streamer generate/bench --trace``) without running
+    the model. A trace does not name its model: its layers, expert ids and K are checked against it.
+
+    Raises:
+        ProfileError: a trace is missing, empty, malformed, or routes outside this model's shape.
+    """
+    profile = empty_profile(identity, num_experts, top_k)
+    for path in map(Path, paths):
+        counter = Counter(num_experts)
+        for n, layer, ids in _trace_records(path):
+            if layer >= len(num_experts):
+                raise ProfileError(
+                    f"{path} line {n}: layer {layer}, but this model has {len(num_experts)} layers; "
+                    "the trace was recorded with another model"
+                )
+            if ids.shape[1] != top_k or ids.max() >= num_experts[layer]:
+                raise ProfileError(
+                    f"{path} line {n}: routes to {ids.shape[1]} of expert ids up to {int(ids.max())}, but "
+                    f"this model routes to {top_k} of {num_experts[layer]} experts in layer {layer}; "
+                    "the trace was recorded with another model"
+                )
+            counter(layer, ids)
+        if counter.tokens == 0:
+            raise ProfileError(f"{path}: the trace has no routing of layer 0 (not a whole-model trace)")
+        counter.add_to(profile)
+        profile.sources.append(
+            {"kind": "trace", "name": path.name, "bytes": path.stat().st_size, "tokens": counter.tokens}
+        )
+    return profile
+
+
+def _trace_records(path: Path) -> Iterable[tuple[int, int, np.ndarray]]:
+    """(line number, layer, ids [tokens, K]) of every record of a trace file."""
+    want = '{"pos": int, "layer": int, "experts": [[K expert ids] per token]}'
+    seen = False
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                    layer, ids = record["layer"], np.asarray(record["experts"])
+                    ok = isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
+                    ok = ok and ids.ndim == 2 and ids.size > 0 and ids.dtype.kind in "iu" and ids.min() >= 0
+                except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError):
+                    ok = False
+                if not ok:
+                    raise ProfileError(f"{path} line {n}: not a routing record (want {want})")
+                seen = True
+                yield n, layer, ids
+    except FileNotFoundError:
+        raise ProfileError(
+            f"{path}: no such trace file; record one with `streamer generate MODEL -p TEXT --trace {path}`"
+        ) from None
+    except IsADirectoryError:
+        raise ProfileError(f"{path}: a directory, not a trace file") from None
+    if not seen:
+        raise ProfileError(f"{path}: the trace is empty (no routing records)")
