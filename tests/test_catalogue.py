@@ -297,7 +297,7 @@ CATALOGUE = [
     Case(
         "corrupted expert block (verify)",
         corrupted_expert_block,
-        ("layer 2 expert 5 component up_proj.scales: checksum mismatch", "delete", "streamer repack SRC"),
+        ("layer 2 expert 5 component up_proj.scales: checksum mismatch", "rewrite", "streamer repack SRC"),
     ),
     Case(
         "truncated layer file (generate)",
@@ -333,7 +333,7 @@ CATALOGUE = [
     Case(
         "packed config.json damaged",
         packed_config_damaged,
-        ("config.json: not valid JSON", "delete", "then rewrite it with"),
+        ("config.json: not valid JSON", "rewrite", "rewrites only damaged ones"),
     ),
     Case(
         "truncated resident file (serve)",

@@ -123,8 +123,8 @@ def _read_resident_header(file: Path) -> dict[str, TensorInfo]:
 def repair_hint(path: Path, manifest: Manifest, file: Path | None = None) -> str:
     """How to rewrite damaged files of the packed model at ``path`` from its source checkpoint.
 
-    With ``file`` (damage only a full verify sees), the file must be deleted first; damage that
-    ``open_packed`` sees is found by repack itself.
+    repack re-checks every checksum of a complete copy and rewrites only what is damaged, so the same
+    command repairs ``file`` (damage only a full verify sees) and what ``open_packed`` sees alike.
     """
     name = str(manifest.source.get("name", ""))
     src = name if looks_like_hub_id(name) else "SRC"
@@ -132,5 +132,5 @@ def repair_hint(path: Path, manifest: Manifest, file: Path | None = None) -> str
     if src == "SRC":
         command += f" (SRC: the {name!r} checkpoint it was packed from)"
     if file is not None:
-        return f"delete {file}, then rewrite it with {command}"
+        return f"rewrite {file} with {command} (it re-checks every file and rewrites only damaged ones)"
     return f"rewrite the damaged files with {command}"
