@@ -361,3 +361,24 @@ def test_bf16_greedy_tokens_match_mlx_lm_after_multi_token_prompts(checkpoint):
     for seed in range(6):
         prompt = _prompt(args.vocab_size, 12, seed=seed)
         assert _greedy(model, prompt, 16) == _greedy(ref, prompt, 16), f"seed {seed}"
+
+
+def test_published_bf16_layout_runs_like_its_exact_f32_widening(checkpoint, tmp_path):
+    """A bf16 checkpoint (as mlx-community publishes) run with f32 activations gives mlx-lm's f32 logits of
+    the same checkpoint widened to f32 (bf16 -> f32 is exact): f32 on a CPU loses nothing to the layout."""
+    src = checkpoint("like-35b", "bfloat16")
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            arrays = {
+                k: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v for k, v in mx.load(str(f)).items()
+            }
+            mx.save_safetensors(str(wide / f.name), arrays, metadata={"format": "mlx"})
+        else:
+            shutil.copy(f, wide / f.name)
+    ref = _reference(wide)
+    model, args = load_model(src, dtype="float32")
+    prompt = _prompt(args.vocab_size, 24, seed=2)
+    assert _max_diff(model(prompt), ref(prompt)) < ATOL
+    assert _greedy(model, prompt, 24) == _greedy(ref, prompt, 24)

@@ -155,8 +155,10 @@ def _cast(name: str, w: mx.array, dtype: mx.Dtype) -> mx.array:
         # in, as the streamed slots are (see experts/expert_cache.py): gather_qmm / gather_mm otherwise
         # convert the whole stacked tensor on every call. Widening is exact; narrowing never happens.
         return w.astype(mx.result_type(w.dtype, dtype))
-    if name.endswith((".scales", ".biases")) and w.dtype.size < dtype.size:
-        return w  # the quantized kernels widen narrower scales exactly; keeping them saves memory
+    # Everything else, quantization scales and biases included, in the compute dtype: widening bf16 scales
+    # to f32 is exact, spares the quantized kernels a conversion on every call, and makes the quantized
+    # embedding dequantize in f32 (kept in bf16 it rounded the f32 run of a bf16 checkpoint away from the
+    # same checkpoint widened to f32: tokens diverged within 5 steps on random weights).
     return w.astype(dtype)
 
 
