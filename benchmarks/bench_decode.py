@@ -123,6 +123,16 @@ print(json.dumps({"gb_per_s": total / (time.perf_counter() - start) / 1e9, "bloc
 """
 
 
+def _same_prefix(got: list[int], want: list[int]) -> int:
+    """How many leading tokens agree (after the first difference, greedy paths part for good)."""
+    n = 0
+    for a, b in zip(got, want, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def child(code: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -179,15 +189,8 @@ def p1(name: str, desc: str, pairs: dict, args, tokens: int, rounds: int) -> lis
     ref = tps["mlx-lm f32"]
     # Greedy tokens agree with the reference's (streamer runs f32 activations on both layouts and bf16 -> f32
     # is exact, so both should match mlx-lm on the f32 variant; a fast wrong answer would not count).
-    agree = {
-        layout: sum(
-            a == b
-            for a, b in zip(
-                best[f"streamer {layout}"]["tokens"], best[f"mlx-lm {layout}"]["tokens"], strict=False
-            )
-        )
-        for layout in ("bf16", "f32")
-    }
+    want = best["mlx-lm f32"]["tokens"]
+    agree = {layout: _same_prefix(best[f"streamer {layout}"]["tokens"], want) for layout in ("bf16", "f32")}
     acts = {k: v["activation"] for k, v in best.items()}
     print(f"P1 {desc} ({tokens} tokens, best of {rounds}; {load})")
     print(f"  streamer's greedy tokens equal to mlx-lm f32's: {agree}")
