@@ -145,7 +145,7 @@ def preload(
     if config.preload == "all":
         loaded = runtime.preload()
     else:
-        from streamer.tuning.profile import hot_keys, load_profile_for
+        from streamer.experts.hot_set import hot_keys, load_profile_for
 
         profile = load_profile_for(runtime, path, config.profile)
         loaded = runtime.preload_keys(hot_keys(profile, runtime), progress=progress)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.experts.expert_cache import CacheFullError, ExpertCache, block_shape, plan_slots
+from streamer.experts.expert_cache import ExpertCache, block_shape, plan_slots
 from streamer.experts.readers import ReaderPool
+from streamer.experts.slot_book import CacheFullError
 
 H, I, G = 128, 64, 64  # hidden, expert inter, group size
 

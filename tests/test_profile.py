@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from streamer.cli.main import main
 from streamer.loader import load_engine
 from streamer.settings import RuntimeConfig
+from streamer.storage import profile_file
 from streamer.storage.repack import run_repack
 from streamer.storage.repack_plan import make_plan
 from streamer.storage.session import model_identity
@@ -133,15 +134,15 @@ def test_max_tokens_spans_files_and_windows_restart_the_context(demo, tmp_path):
 
 def test_format_round_trips_and_keeps_named_arrays(demo_profile, tmp_path):
     profile, _ = demo_profile
-    path = prof.write_profile(profile, tmp_path / "p.json")
+    path = profile_file.write_profile(profile, tmp_path / "p.json")
     data = json.loads(path.read_text())
     assert data["format"] == "streamer-expert-profile" and data["version"] == 1
-    back = prof.read_profile(path)
+    back = profile_file.read_profile(path)
     assert back.arrays == profile.arrays and back.tokens == profile.tokens and back.model == profile.model
     # Room for more per-expert arrays (the prune issue's saliency): readers keep what they do not use.
     data["layers"][0]["experts"]["reap"] = [0.5] * 64
     path.write_text(json.dumps(data))
-    assert prof.read_profile(path).arrays[0]["reap"] == [0.5] * 64
+    assert profile_file.read_profile(path).arrays[0]["reap"] == [0.5] * 64
 
 
 @pytest.mark.parametrize(
@@ -155,12 +156,12 @@ def test_format_round_trips_and_keeps_named_arrays(demo_profile, tmp_path):
     ],
 )
 def test_damaged_or_future_profiles_are_clear_errors(demo_profile, tmp_path, damage, message):
-    path = prof.write_profile(demo_profile[0], tmp_path / "p.json")
+    path = profile_file.write_profile(demo_profile[0], tmp_path / "p.json")
     data = json.loads(path.read_text())
     damage(data)
     path.write_text(json.dumps(data))
-    with pytest.raises(prof.ProfileError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        prof.read_profile(path)
+    with pytest.raises(profile_file.ProfileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        profile_file.read_profile(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def _decode_hits(engine, ids: list[int]) -> tuple[int, int]:
 
 def test_preload_hot_fills_each_pool_with_its_top_experts_and_hits_more(demo, demo_profile, tmp_path):
     profile, _ = demo_profile
-    path = prof.write_profile(profile, tmp_path / "p.json")
+    path = profile_file.write_profile(profile, tmp_path / "p.json")
     config = _config(demo, SHARE, preload="hot", profile=str(path))
     with load_engine(demo, config) as hot, load_engine(demo, _config(demo, SHARE)) as cold:
         ids = hot.tokenizer.encode(HELD_OUT.read_text())[:32]
@@ -214,7 +215,7 @@ def test_preload_keys_makes_the_first_keys_the_last_to_leave(demo):
 
 
 def test_preload_never_changes_logits(demo, demo_profile, tmp_path):
-    path = prof.write_profile(demo_profile[0], tmp_path / "p.json")
+    path = profile_file.write_profile(demo_profile[0], tmp_path / "p.json")
     out = {}
     for mode in ("none", "hot", "all"):
         with load_engine(demo, _config(demo, SHARE, preload=mode, profile=str(path))) as engine:
@@ -237,7 +238,7 @@ def test_cli_profiles_then_preloads_hot(demo, tmp_path):
     text.write_text(PROFILE_TEXT.read_text())
     result = _run("profile", demo, "--text", text, "--max-tokens", 300)
     assert "profiled 300 tokens of 1 file(s)" in result.output
-    assert prof.read_profile(demo / "profile.json").tokens == 300
+    assert profile_file.read_profile(demo / "profile.json").tokens == 300
     out = _run("generate", demo, "-p", "def f(x):", "--max-tokens", 4, "--preload", "hot", "--json")
     plain = _run("generate", demo, "-p", "def f(x):", "--max-tokens", 4, "--json")
     assert (

@@ -19,8 +19,9 @@ import click
 
 from streamer.errors import ConfigError
 from streamer.experts.policy import DEFAULT_POLICY, POLICIES
+from streamer.experts.store import IO_MODES
 from streamer.loader import Engine, is_packed, load_engine
-from streamer.settings import IO_MODES, PREFETCH_MODES, PRELOAD_MODES, RuntimeConfig
+from streamer.settings import PREFETCH_MODES, PRELOAD_MODES, RuntimeConfig
 
 log = logging.getLogger(__name__)
 

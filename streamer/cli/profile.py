@@ -56,8 +56,9 @@ def profile(model, texts, traces, out, max_tokens, runtime, resident):
     from streamer.loader import read_config
     from streamer.models.args import ModelArgs
     from streamer.storage.packed import open_packed
+    from streamer.storage.profile_file import default_profile_path, write_profile
     from streamer.storage.session import model_identity
-    from streamer.tuning.profile import default_profile_path, profile_texts, profile_traces, write_profile
+    from streamer.tuning.profile import profile_texts, profile_traces
 
     if bool(texts) == bool(traces):
         raise ConfigError(
