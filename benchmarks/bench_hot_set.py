@@ -30,8 +30,9 @@ from common import append_results, row  # noqa: E402
 from streamer.generation.generate import prefill
 from streamer.loader import load_engine
 from streamer.settings import RuntimeConfig
+from streamer.storage.profile_file import write_profile
 from streamer.synthetic.demo import demo_packed
-from streamer.tuning.profile import profile_texts, write_profile
+from streamer.tuning.profile import profile_texts
 
 REPO = Path(__file__).resolve().parents[1]
 
