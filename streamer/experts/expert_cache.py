@@ -37,7 +37,7 @@ import numpy as np
 
 from streamer.errors import ConfigError
 from streamer.experts.policy import DEFAULT_POLICY
-from streamer.experts.slot_book import CacheFullError, SlotBook  # noqa: F401 - CacheFullError re-exported
+from streamer.experts.slot_book import SlotBook
 from streamer.storage.safetensors_file import tensor_nbytes
 
 # Storage dtype per safetensors dtype: slots are written as raw integers of the same width and read
@@ -227,7 +227,7 @@ class ExpertCache:
         Takes a free slot or evicts the policy's victim among the unpinned ones.
 
         Raises:
-            CacheFullError: every slot of the layer's pool is pinned.
+            CacheFullError (slot_book): every slot of the layer's pool is pinned.
         """
         slot, evicted = self._book(layer).allocate()
         if evicted:
