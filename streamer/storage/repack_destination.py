@@ -24,7 +24,7 @@ from streamer.storage.packed_format import (
     pack_layer_header,
 )
 from streamer.storage.repack_plan import DestinationError, RepackPlan
-from streamer.storage.verify import verify_copied_file, verify_layer_file, verify_resident_file
+from streamer.storage.verify import packed_checks
 
 log = logging.getLogger(__name__)
 
@@ -141,26 +141,16 @@ def recheck_complete(plan: RepackPlan, progress=None) -> Journal | None:
         if progress:
             progress(checked, total)
 
-    def damaged(check) -> bool:
+    damaged = set()
+    for part, _, check in packed_checks(dst, manifest, step):
         try:
             check()
         except PackedFormatError as e:
             log.warning("%s is damaged (%s): rewriting what is damaged", dst, e)
-            return True
-        return False
-
-    bad_files = [
-        name
-        for name, meta in manifest.files.items()
-        if damaged(lambda name=name, meta=meta: verify_copied_file(dst / name, meta, step))
-    ]
-    resident = RESIDENT_FILE
-    bad_resident = damaged(
-        lambda: verify_resident_file(dst / resident, manifest.resident_bytes, manifest.resident_crc32, step)
-    )
-    bad_layers = [
-        e.layer for e in manifest.layers if damaged(lambda e=e: verify_layer_file(dst / e.file, e, step))
-    ]
+            damaged.add(part)
+    bad_files = [part for part in damaged if isinstance(part, str) and part != RESIDENT_FILE]
+    bad_resident = RESIDENT_FILE in damaged
+    bad_layers = [part for part in damaged if isinstance(part, int)]
     if not (bad_files or bad_resident or bad_layers):
         return None
     journal = _journal_from_manifest(manifest, plan)

@@ -85,6 +85,28 @@ def verify_resident_file(
         os.close(fd)
 
 
+def packed_checks(
+    path: Path, m: Manifest, progress: Progress | None = None
+) -> list[tuple[str | int, Path, Callable[[], None]]]:
+    """Every check of a packed copy, in the order verify runs them: (part, file, check). ``part`` is a
+    copied file's name, ``RESIDENT_FILE``, or a layer index; ``check()`` raises PackedFormatError."""
+    checks: list[tuple[str | int, Path, Callable[[], None]]] = [
+        (name, path / name, lambda name=name, meta=meta: verify_copied_file(path / name, meta, progress))
+        for name, meta in m.files.items()
+    ]
+    checks.append(
+        (
+            RESIDENT_FILE,
+            path / RESIDENT_FILE,
+            lambda: verify_resident_file(path / RESIDENT_FILE, m.resident_bytes, m.resident_crc32, progress),
+        )
+    )
+    checks += [
+        (e.layer, path / e.file, lambda e=e: verify_layer_file(path / e.file, e, progress)) for e in m.layers
+    ]
+    return checks
+
+
 def verify_packed(path: str | os.PathLike, progress: Progress | None = None) -> Manifest:
     """Re-checks every checksum and bound of a packed model: copied files, resident tensors, experts.
 
@@ -92,23 +114,12 @@ def verify_packed(path: str | os.PathLike, progress: Progress | None = None) -> 
         PackedFormatError: naming the first bad file / tensor / layer / expert / component.
     """
     model = open_packed(path)
-    path, m = model.path, model.manifest
-
-    def check(file: Path, verify_file: Callable[[], None]) -> None:
+    for _, file, check in packed_checks(model.path, model.manifest, progress):
         try:
-            verify_file()
+            check()
         except PackedFormatError as e:
-            raise PackedFormatError(f"{e}; {repair_hint(path, m, file)}") from None
-
-    for name, meta in m.files.items():
-        check(path / name, lambda name=name, meta=meta: verify_copied_file(path / name, meta, progress))
-    check(
-        path / RESIDENT_FILE,
-        lambda: verify_resident_file(path / RESIDENT_FILE, m.resident_bytes, m.resident_crc32, progress),
-    )
-    for entry in m.layers:
-        check(path / entry.file, lambda entry=entry: verify_layer_file(path / entry.file, entry, progress))
-    return m
+            raise PackedFormatError(f"{e}; {repair_hint(model.path, model.manifest, file)}") from None
+    return model.manifest
 
 
 def verify_copied_file(file: Path, meta: dict, progress: Progress | None = None) -> None:
