@@ -64,36 +64,48 @@ def read_trace(path: str | Path) -> list[Step]:
     Raises:
         TraceError: the file is missing or empty, or a line is not ``{"layer": int, "experts": [[int]]}``.
     """
+    return [make_step(layer, ids) for _, layer, ids in trace_records(path)]
+
+
+def trace_records(path: str | Path) -> Iterator[tuple[int, int, list[list[int]]]]:
+    """(line number, layer, expert ids per token) of every record of a trace file, read line by line.
+
+    Raises:
+        TraceError: the file is missing or empty, or a line is not ``{"layer": int, "experts": [[int]]}``.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise TraceError(f"{path}: a directory, not a trace file")
     if not path.is_file():
         raise TraceError(
             f"{path}: no such trace file; record one with `streamer bench MODEL --trace {path}` "
             f"or `streamer generate MODEL ... --trace {path}`"
         )
-    steps = []
-    with open(path) as f:
+    seen = False
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                steps.append(_parse_line(line, path, n))
-    if not steps:
+                seen = True
+                yield (n, *_parse_line(line, path, n))
+    if not seen:
         raise TraceError(f"{path}: the trace is empty (no routing records)")
-    return steps
 
 
-def _parse_line(line: str, path: Path, n: int) -> Step:
+def _parse_line(line: bytes, path: Path, n: int) -> tuple[int, list[list[int]]]:
     try:
         record = json.loads(line)
         layer, ids = record["layer"], record["experts"]
         ok = isinstance(layer, int) and layer >= 0 and isinstance(ids, list) and ids
         ok = ok and all(isinstance(r, list) and r and all(_is_id(e) for e in r) for r in ids)
-    except (json.JSONDecodeError, TypeError, KeyError):
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
         ok = False
     if not ok:
+        shown = line.strip()[:80].decode("utf-8", "replace")
         raise TraceError(
             f"{path} line {n}: not a routing record (want "
-            f'{{"pos": int, "layer": int, "experts": [[expert ids] per token]}}), got {line.strip()[:80]!r}'
+            f'{{"pos": int, "layer": int, "experts": [[expert ids] per token]}}), got {shown!r}'
         )
-    return make_step(layer, ids)
+    return layer, ids
 
 
 def _is_id(e) -> bool:

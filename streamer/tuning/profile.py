@@ -16,14 +16,14 @@ Names: E = experts of a layer, K = experts per token.
 from __future__ import annotations
 
 import codecs
-import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from streamer.storage.profile_file import ROUTED, Profile, ProfileError, empty_profile
+from streamer.tuning.cache_sim import trace_records
 
 WINDOW = 2048  # tokens per context when profiling text: each window starts from an empty cache
 _READ_BYTES = 1 << 20  # text is read, decoded and tokenized in pieces of about this size
@@ -207,7 +207,10 @@ def profile_traces(
     profile = empty_profile(identity, num_experts, top_k)
     for path in map(Path, paths):
         counter = Counter(num_experts)
-        for n, layer, ids in _trace_records(path):
+        for n, layer, rows in trace_records(path):
+            ids = np.asarray(rows) if len({len(r) for r in rows}) == 1 else None
+            if ids is None:
+                raise ProfileError(f"{path} line {n}: tokens route to different numbers of experts")
             if layer >= len(num_experts):
                 raise ProfileError(
                     f"{path} line {n}: layer {layer}, but this model has {len(num_experts)} layers; "
@@ -227,33 +230,3 @@ def profile_traces(
             {"kind": "trace", "name": path.name, "bytes": path.stat().st_size, "tokens": counter.tokens}
         )
     return profile
-
-
-def _trace_records(path: Path) -> Iterable[tuple[int, int, np.ndarray]]:
-    """(line number, layer, ids [tokens, K]) of every record of a trace file."""
-    want = '{"pos": int, "layer": int, "experts": [[K expert ids] per token]}'
-    seen = False
-    try:
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                    layer, ids = record["layer"], np.asarray(record["experts"])
-                    ok = isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
-                    ok = ok and ids.ndim == 2 and ids.size > 0 and ids.dtype.kind in "iu" and ids.min() >= 0
-                except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError):
-                    ok = False
-                if not ok:
-                    raise ProfileError(f"{path} line {n}: not a routing record (want {want})")
-                seen = True
-                yield n, layer, ids
-    except FileNotFoundError:
-        raise ProfileError(
-            f"{path}: no such trace file; record one with `streamer generate MODEL -p TEXT --trace {path}`"
-        ) from None
-    except IsADirectoryError:
-        raise ProfileError(f"{path}: a directory, not a trace file") from None
-    if not seen:
-        raise ProfileError(f"{path}: the trace is empty (no routing records)")
