@@ -21,7 +21,7 @@ from mlx.utils import tree_map
 
 from streamer.models.args import ModelArgs
 from streamer.models.load import load_model
-from streamer.models.qwen3_5_moe import SparseMoeBlock
+from streamer.models.moe_block import SparseMoeBlock
 from streamer.synthetic import demo
 from streamer.synthetic.presets import Preset
 from streamer.synthetic.writer import generate

@@ -35,7 +35,8 @@ from demo_corpus import encode_documents, read_corpus, train_tokenizer, write_to
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from streamer.models.args import ModelArgs
-from streamer.models.qwen3_5_moe import Model, SparseMoeBlock
+from streamer.models.moe_block import SparseMoeBlock
+from streamer.models.qwen3_5_moe import Model
 from streamer.synthetic.presets import _text_config
 
 # Fields that do not change the trained weights: a resumed run may change them.

@@ -20,8 +20,8 @@ from streamer.errors import ConfigError
 from streamer.models import gated_delta
 from streamer.models.args import ModelArgs
 from streamer.models.layer_cache import DeltaNetCache, KVCache, LayerCache
-from streamer.models.layers import RMSNormGated, SwiGLUMLP
-from streamer.models.resident_experts import Experts, ResidentExperts
+from streamer.models.layers import RMSNormGated
+from streamer.models.moe_block import SparseMoeBlock
 
 # How DeltaNet layers run a multi-token call: "chunked" (matrix form, fast prefill) or
 # "recurrent" (token by token, the exact mlx-lm CPU order). Single tokens always run recurrent.
@@ -124,42 +124,6 @@ class Attention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
-
-
-class SparseMoeBlock(nn.Module):
-    """softmax router -> top-k -> sum_k score_k * expert_k(x), plus a sigmoid-gated shared expert."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        H, E = args.hidden_size, args.num_experts
-        self.top_k = args.num_experts_per_tok
-        self.norm_topk_prob = args.norm_topk_prob
-        self.gate = nn.Linear(H, E, bias=False)  # router
-        # HF name for the routed experts' weights; the block calls them only through `experts`.
-        self.switch_mlp = ResidentExperts(H, args.moe_intermediate_size, E)
-        self.shared_expert = SwiGLUMLP(H, args.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
-
-    @property
-    def experts(self) -> Experts:
-        return self.switch_mlp
-
-    def replace_experts(self, experts: Experts) -> None:
-        """Routes this layer's experts through ``experts`` (e.g. a streamed implementation)."""
-        # nn.Module drops the resident weights from the parameter tree when a non-Module replaces them.
-        self.switch_mlp = experts
-
-    def __call__(self, x: mx.array) -> mx.array:
-        probs = mx.softmax(self.gate(x), axis=-1, precise=True)  # [B, L, E]
-        # argpartition, as mlx-lm: the same k experts in the same order, ties broken the same way.
-        indices = mx.argpartition(probs, kth=-self.top_k, axis=-1)[..., -self.top_k :]  # [B, L, K]
-        scores = mx.take_along_axis(probs, indices, axis=-1)
-        if self.norm_topk_prob:
-            scores = scores / scores.sum(axis=-1, keepdims=True)
-        y = self.experts(x, indices)  # [B, L, K, H]
-        y = (y * scores[..., None]).sum(axis=-2)
-        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y + shared
 
 
 class DecoderLayer(nn.Module):
