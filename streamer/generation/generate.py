@@ -1,4 +1,4 @@
-"""Prefill, decode step and the token stream shared by the CLI, the server and benchmarks.
+"""Prefill and the token stream of one sequence, shared by the CLI, the server and benchmarks.
 
 The model is any callable ``model(tokens [1, L], cache) -> logits [1, L, V]`` with ``make_cache()``;
 whether its experts are resident or streamed does not matter here.
@@ -6,15 +6,13 @@ whether its experts are resident or streamed does not matter here.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from streamer.generation.sampling import Sampler
-
-PREFILL_CHUNK = 512
+from streamer.generation.scheduler import PREFILL_CHUNK, GenSequence, Scheduler
 
 
 @dataclass
@@ -60,37 +58,45 @@ def stream_generate(
     cache: list | None = None,
     stats: Callable[[], dict] | None = None,
     prefill_progress: Callable[[int, int], None] | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[GenerationResponse]:
-    """Yields one GenerationResponse per generated token until EOS or ``max_tokens``.
+    """Yields one GenerationResponse per generated token until EOS or ``max_tokens``: a batch of one on
+    the scheduler.
 
-    ``cache`` may hold the state of earlier turns: then ``prompt`` is only the new tokens.
+    ``cache`` may hold the state of earlier turns: then ``prompt`` is only the new tokens. When the
+    consumer stops early, the cache holds the prompt and every yielded token but the last.
     """
     cache = model.make_cache() if cache is None else cache
     detok = tokenizer.detokenizer()
-    start = time.perf_counter()
-    logits = prefill(model, prompt, cache, progress=prefill_progress)
-    prompt_secs = time.perf_counter() - start
-    prompt_tps = len(prompt) / max(prompt_secs, 1e-9)
-    decode_start = time.perf_counter()
-    for n in range(1, max_tokens + 1):
-        token = sampler(logits.astype(mx.float32))
-        done = token in tokenizer.eos_token_ids
-        reason = "stop" if done else ("length" if n == max_tokens else None)
-        text = "" if done else detok.add(token)
+    out: list[GenerationResponse] = []
+
+    def on_token(seq: GenSequence, token: int, reason: str | None) -> None:
+        text = "" if reason == "stop" else detok.add(token)
         if reason:
             text += detok.finalize()
-        elapsed = time.perf_counter() - decode_start
-        yield GenerationResponse(
-            token=token,
-            text=text,
-            prompt_tokens=len(prompt),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=n / max(elapsed, 1e-9),
-            finish_reason=reason,
-            stats=stats() if stats else {},
+        out.append(
+            GenerationResponse(
+                token=token,
+                text=text,
+                prompt_tokens=len(seq.prompt),
+                prompt_tps=len(seq.prompt) / max(seq.prompt_seconds, 1e-9),
+                generation_tokens=len(seq.tokens),
+                generation_tps=seq.generation_tps(),
+                finish_reason=reason,
+                stats=stats() if stats else {},
+            )
         )
-        if reason:
-            return
-        logits = model(mx.array([[token]]), cache=cache)[0, -1, :]
-        mx.eval(logits)
+
+    progress = (lambda seq, done, total: prefill_progress(done, total)) if prefill_progress else None
+    seq = GenSequence(
+        list(prompt), sampler, max_tokens, cache, frozenset(tokenizer.eos_token_ids),
+        on_token=on_token, on_prefill=progress,
+    )  # fmt: skip
+    scheduler = Scheduler(model, max_batch=1, prefill_chunk=prefill_chunk)
+    scheduler.add(seq)
+    while not seq.done:
+        scheduler.step()
+        if seq.error is not None:
+            raise seq.error
+        yield from out
+        out.clear()

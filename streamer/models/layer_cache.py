@@ -100,8 +100,73 @@ class DeltaNetCache:
         self.conv_state, self.recurrent_state = snap.conv_state, snap.recurrent_state
         self.offset = snap.offset
 
+    def update(self, conv_state: mx.array, recurrent_state: mx.array, tokens: int) -> None:
+        """Takes the layer's new state after it has seen ``tokens`` more tokens."""
+        self.conv_state, self.recurrent_state = conv_state, recurrent_state
+        self.offset += tokens
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
 
 LayerCache = KVCache | DeltaNetCache
+
+
+class KVBatch:
+    """The KV caches of one attention layer for several sequences decoded together (row i = member i).
+
+    Members keep their own buffers and lengths: attention runs row by row over each member's cache,
+    exactly as for a sequence alone, while every other operation of the layer runs on the whole batch.
+    """
+
+    def __init__(self, members: list[KVCache]):
+        self.members = members
+
+
+class DeltaNetBatch:
+    """The DeltaNet caches of one layer for several sequences decoded together (row i = member i).
+
+    The layer reads the members' states stacked along the batch axis and hands back the new stacked
+    state, which is split into the members again: each member stays an ordinary ``DeltaNetCache``
+    that can be snapshotted, restored or decoded alone between batched steps.
+    """
+
+    def __init__(self, members: list[DeltaNetCache]):
+        self.members = members
+
+    @property
+    def conv_state(self) -> mx.array | None:
+        return _stacked([m.conv_state for m in self.members])
+
+    @property
+    def recurrent_state(self) -> mx.array | None:
+        return _stacked([m.recurrent_state for m in self.members])
+
+    def update(self, conv_state: mx.array, recurrent_state: mx.array, tokens: int) -> None:
+        for i, member in enumerate(self.members):
+            # Copies, not views: a view would keep the whole batch's state alive for each member.
+            member.update(
+                mx.contiguous(conv_state[i : i + 1]), mx.contiguous(recurrent_state[i : i + 1]), tokens
+            )
+
+
+def _stacked(states: list[mx.array | None]) -> mx.array | None:
+    if all(s is None for s in states):
+        return None
+    if any(s is None for s in states):
+        raise ValueError("a batched DeltaNet step needs every member to have a state (prefill each first)")
+    return mx.concatenate(states, axis=0)
+
+
+def batch_caches(caches: list[list[LayerCache]]) -> list[KVBatch | DeltaNetBatch]:
+    """Per-sequence layer caches -> per-layer batches, for one model call over all the sequences."""
+    layers = []
+    for members in zip(*caches, strict=True):
+        layers.append(
+            KVBatch(list(members)) if isinstance(members[0], KVCache) else DeltaNetBatch(list(members))
+        )
+    return layers
 
 
 def snapshot_caches(caches: list[LayerCache]) -> list:

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from streamer.errors import ConfigError
 from streamer.models import gated_delta
 from streamer.models.args import ModelArgs
-from streamer.models.layer_cache import DeltaNetCache, KVCache, LayerCache
+from streamer.models.layer_cache import DeltaNetBatch, DeltaNetCache, KVBatch, KVCache, LayerCache
 from streamer.models.layers import RMSNormGated
 from streamer.models.moe_block import SparseMoeBlock
 
@@ -54,7 +54,7 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNormGated(self.head_v_dim, eps=args.rms_norm_eps)
         self.out_proj = nn.Linear(args.linear_value_dim, H, bias=False)
 
-    def __call__(self, x: mx.array, cache: DeltaNetCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: DeltaNetCache | DeltaNetBatch | None = None) -> mx.array:
         B, L, _ = x.shape
         qkv = self.in_proj_qkv(x)
         z = self.in_proj_z(x).reshape(B, L, self.num_v_heads, self.head_v_dim)
@@ -80,9 +80,7 @@ class GatedDeltaNet(nn.Module):
             out, state = gated_delta.gated_delta_recurrent(q, k, v, g, beta, state)
 
         if cache is not None:
-            cache.conv_state = mx.contiguous(conv_input[:, -(self.conv_kernel_size - 1) :, :])
-            cache.recurrent_state = state
-            cache.offset += L
+            cache.update(mx.contiguous(conv_input[:, -(self.conv_kernel_size - 1) :, :]), state, L)
         out = self.norm(out, z)  # [B, L, Hv, Dv]
         return self.out_proj(out.reshape(B, L, -1))
 
@@ -105,7 +103,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = nn.RoPE(args.rotary_dim, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | KVBatch | None = None) -> mx.array:
         B, L, _ = x.shape
         queries, gate = mx.split(self.q_proj(x).reshape(B, L, self.num_heads, -1), 2, axis=-1)
         keys = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1)
@@ -114,16 +112,27 @@ class Attention(nn.Module):
         keys = self.k_norm(keys).transpose(0, 2, 1, 3)  # [B, Hkv, L, D]
         values = values.transpose(0, 2, 1, 3)
 
+        if isinstance(cache, KVBatch):  # each sequence attends over its own cache, as it would alone
+            rows = [
+                self._attend(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], member)
+                for i, member in enumerate(cache.members)
+            ]
+            out = mx.concatenate(rows, axis=0)
+        else:
+            out = self._attend(queries, keys, values, cache)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
+
+    def _attend(self, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache | None) -> mx.array:
+        """Rotary positions, the cache update and attention for sequences of one length: [B, Hq, L, D]."""
         offset = cache.offset if cache is not None else 0
         queries = self.rope(queries, offset=offset)
         keys = self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         # A single new token may see every cached one; several are causal among themselves.
-        mask = "causal" if L > 1 else None
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
+        mask = "causal" if queries.shape[2] > 1 else None
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
 
 
 class DecoderLayer(nn.Module):
@@ -216,6 +225,19 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return text.embed_tokens.as_linear(h)
         return self.language_model.lm_head(h)
+
+    def state_bytes(self, tokens: int) -> int:
+        """Bytes of one sequence's layer caches after ``tokens`` tokens (KV grows with them, DeltaNet not).
+
+        KV buffers grow ``KVCache.step`` positions at a time, so this rounds up the way they do.
+        """
+        a, itemsize = self.args, self.dtype.size
+        positions = -(-max(tokens, 1) // KVCache.step) * KVCache.step
+        kv = 2 * a.num_key_value_heads * a.head_dim * positions * itemsize
+        conv = (a.linear_conv_kernel_dim - 1) * a.conv_dim * itemsize
+        recurrent = a.linear_num_value_heads * a.linear_value_head_dim * a.linear_key_head_dim * 4  # float32
+        linear = sum(a.is_linear)
+        return linear * (conv + recurrent) + (len(a.is_linear) - linear) * kv
 
     def make_cache(self) -> list[LayerCache]:
         """Fresh per-layer state: a DeltaNetCache for linear layers, a KVCache for attention layers."""

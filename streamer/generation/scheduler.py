@@ -1,0 +1,298 @@
+"""The one place a decode step is written: a scheduler that generates for many sequences together.
+
+Every front end runs on it: ``stream_generate`` (chat, generate, bench) is a batch of one, and the
+server's worker keeps one scheduler for all its requests. Sequences join at step boundaries and leave
+when they finish, are stopped by their consumer or are cancelled. One ``step()``:
+
+1. admits waiting sequences while the batch has room (``max_batch``) and their state fits the memory
+   budget (``max_state_bytes``: each sequence reserves its KV cache at its longest and its DeltaNet state);
+2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the oldest sequence still reading its
+   prompt, so a long prompt delays the running streams by one chunk per step, not by all of it;
+3. runs one decode step of every sequence that has a sampled token to feed, as one model call on
+   [B, 1] tokens: the resident weights are read once for B tokens and each layer's expert step acquires
+   the union of the batch's routed experts once. Attention runs row by row over each sequence's own
+   KV cache, so each row computes exactly what it would alone (see ``models.layer_cache.KVBatch``).
+
+A sequence's prefill always runs alone (its own model calls), and a batch of one decodes with the plain
+per-sequence caches: the path of a single request is the same code it always was.
+
+Consumers hear about a sequence through callbacks, all called on the thread that calls ``step()``:
+``on_token`` for each sampled token, ``on_boundary`` when the cache holds a requested prompt prefix
+(e.g. to snapshot it), ``on_prefill`` after each prefill chunk, ``on_finish`` once at the end.
+
+Names: B = sequences in a decode step, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from streamer.generation.sampling import Sampler
+from streamer.models.layer_cache import batch_caches
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512
+DEFAULT_MAX_BATCH = 8
+
+
+@dataclass(eq=False)
+class GenSequence:
+    """One sequence to generate: its prompt, sampler, limits, layer caches and callbacks.
+
+    Args:
+        prompt: the token ids to run through the model (after whatever state ``cache`` already holds).
+        sampler: picks each token from float32 logits [V].
+        max_tokens: the most tokens to sample (the finish reason is "length" when reached).
+        cache: the sequence's own layer caches (``model.make_cache()``, perhaps restored from a snapshot).
+        eos_ids: sampled ids that end the sequence with "stop" (they are reported, never fed).
+        boundaries: prompt lengths after which the prefill pauses and ``on_boundary(n)`` runs.
+        reserve_tokens: the longest the cache gets (for the memory budget); default: cached + prompt +
+            max_tokens.
+    """
+
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int
+    cache: list
+    eos_ids: frozenset[int] = frozenset()
+    boundaries: Sequence[int] = ()
+    on_token: Callable[[GenSequence, int, str | None], None] | None = None  # (seq, id, finish reason or None)
+    on_boundary: Callable[[GenSequence, int], None] | None = None
+    on_prefill: Callable[[GenSequence, int, int], None] | None = None
+    on_finish: Callable[[GenSequence], None] | None = None
+    reserve_tokens: int | None = None
+    label: str = ""
+
+    # Progress, written by the scheduler.
+    fed: int = 0  # prompt tokens run through the model
+    tokens: list[int] = field(default_factory=list)  # sampled ids
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error" or what ``stop()`` said
+    error: BaseException | None = None
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    _stop_reason: str | None = None
+    _logits: mx.array | None = None  # the prompt's last logits, until the first token is sampled
+
+    def __post_init__(self):
+        if not self.prompt:
+            raise ValueError("a sequence needs at least one prompt token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    def stop(self, reason: str = "stop") -> None:
+        """Ends the sequence at the next step boundary (a stop string, a client that left); thread-safe."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def cancel(self) -> None:
+        self.stop("cancelled")
+
+    @property
+    def prompt_seconds(self) -> float:
+        if self.admitted_at is None or self.first_token_at is None:
+            return 0.0
+        return self.first_token_at - self.admitted_at
+
+    def generation_tps(self, now: float | None = None) -> float:
+        if self.first_token_at is None:
+            return 0.0
+        now = time.perf_counter() if now is None else now
+        return len(self.tokens) / max(now - self.first_token_at, 1e-9)
+
+
+class MemoryBudgetError(ValueError):
+    """A sequence whose state alone is larger than the scheduler's memory budget."""
+
+
+class Scheduler:
+    """Runs the sequences added to it, a step at a time (see the module docstring).
+
+    Args:
+        model: ``model(tokens [B, L], cache, last_only) -> logits`` with ``state_bytes(tokens)``.
+        max_batch: the most sequences admitted at once (prefilling or decoding).
+        prefill_chunk: the most prompt tokens one prefill call runs.
+        max_state_bytes: the KV + DeltaNet bytes the admitted sequences may reserve together; None = no limit.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        prefill_chunk: int = PREFILL_CHUNK,
+        max_state_bytes: int | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.max_state_bytes = max_state_bytes
+        self.waiting: deque[GenSequence] = deque()
+        self.running: list[GenSequence] = []  # admitted, in admission order
+        self.reserved_bytes = 0
+        self._reserved: dict[int, int] = {}
+        self.steps = self.decode_steps = self.decoded_tokens = 0
+        self.largest_batch = 0
+
+    # ---- membership --------------------------------------------------------------------------------
+
+    def add(self, seq: GenSequence) -> GenSequence:
+        """Queues a sequence; it joins at the next step with room for it.
+
+        Raises:
+            MemoryBudgetError: its state alone would not fit ``max_state_bytes``.
+        """
+        if self.max_state_bytes is not None and (need := self.state_bytes(seq)) > self.max_state_bytes:
+            raise MemoryBudgetError(
+                f"this request needs {need / 2**20:.0f} MiB of model state (KV cache and DeltaNet) at its "
+                f"longest, more than the {self.max_state_bytes / 2**20:.0f} MiB budget: shorten the prompt "
+                "or max_tokens, or raise the budget"
+            )
+        self.waiting.append(seq)
+        return seq
+
+    def state_bytes(self, seq: GenSequence) -> int:
+        tokens = seq.reserve_tokens
+        if tokens is None:
+            tokens = _cached_tokens(seq.cache) + len(seq.prompt) + seq.max_tokens
+        return self.model.state_bytes(tokens)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admits, runs one prefill chunk and one batched decode step; finished sequences leave."""
+        self.steps += 1
+        self._drop_stopped()
+        self._admit()
+        prefilling = next((s for s in self.running if s.prefilling), None)
+        if prefilling is not None:
+            self._guarded([prefilling], self._prefill_chunk, prefilling)
+        ready = [s for s in self.running if not s.prefilling and not s.done and s._stop_reason is None]
+        fresh = [s for s in ready if s._logits is not None]  # prefill just ended: first token from its logits
+        for seq in fresh:
+            self._guarded([seq], self._sample_first, seq)
+        decoding = [s for s in ready if s not in fresh and not s.done]
+        if decoding:
+            self._guarded(decoding, self._decode, decoding)
+        self._drop_stopped()
+
+    def run_until_done(self) -> None:
+        while self.busy:
+            self.step()
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            if seq._stop_reason is not None:
+                self.waiting.popleft()
+                self._finish(seq, seq._stop_reason)
+                continue
+            need = self.state_bytes(seq) if self.max_state_bytes is not None else 0
+            if self.running and need and self.reserved_bytes + need > self.max_state_bytes:
+                break  # waits for a running sequence to leave
+            self.waiting.popleft()
+            self.running.append(seq)
+            self._reserved[id(seq)] = need
+            self.reserved_bytes += need
+            seq.admitted_at = time.perf_counter()
+
+    def _drop_stopped(self) -> None:
+        for seq in list(self.running):
+            if not seq.done and seq._stop_reason is not None:
+                self._finish(seq, seq._stop_reason)
+        for seq in [s for s in self.waiting if s._stop_reason is not None]:
+            self.waiting.remove(seq)
+            self._finish(seq, seq._stop_reason)
+
+    def _finish(self, seq: GenSequence, reason: str, error: BaseException | None = None) -> None:
+        if seq.done:
+            return
+        seq.finish_reason, seq.error, seq._logits = reason, error, None
+        if seq in self.running:
+            self.running.remove(seq)
+            self.reserved_bytes -= self._reserved.pop(id(seq), 0)
+        if seq.on_finish:
+            seq.on_finish(seq)
+
+    def _guarded(self, seqs: list[GenSequence], work: Callable, *args) -> None:
+        """Runs ``work``; an Exception fails ``seqs`` (their state is unknown now), the rest go on.
+
+        A BaseException (KeyboardInterrupt) is not the sequences' fault: it propagates as it is.
+        """
+        try:
+            work(*args)
+        except Exception as e:
+            log.debug("step failed for %d sequence(s): %s", len(seqs), e)
+            for seq in seqs:
+                self._finish(seq, "error", e)
+
+    # ---- the model calls ---------------------------------------------------------------------------
+
+    def _prefill_chunk(self, seq: GenSequence) -> None:
+        end = min(len(seq.prompt), seq.fed + self.prefill_chunk)
+        end = min([b for b in seq.boundaries if seq.fed < b < end] + [end])
+        piece = mx.array(seq.prompt[seq.fed : end])[None]
+        logits = self.model(piece, cache=seq.cache, last_only=True)[0, -1, :]
+        mx.eval(logits, [c.state for c in seq.cache])
+        seq.fed = end
+        if seq.on_prefill:
+            seq.on_prefill(seq, seq.fed, len(seq.prompt))
+        if seq.on_boundary and end in seq.boundaries:
+            seq.on_boundary(seq, end)
+        if not seq.prefilling:
+            seq._logits = logits
+
+    def _sample_first(self, seq: GenSequence) -> None:
+        logits, seq._logits = seq._logits, None
+        seq.first_token_at = time.perf_counter()
+        self._sample(seq, logits)
+
+    def _decode(self, seqs: list[GenSequence]) -> None:
+        tokens = mx.array([[s.tokens[-1]] for s in seqs])  # [B, 1]
+        cache = seqs[0].cache if len(seqs) == 1 else batch_caches([s.cache for s in seqs])
+        logits = self.model(tokens, cache=cache)[:, -1, :]  # [B, V]
+        mx.eval(logits)
+        self.decode_steps += 1
+        self.decoded_tokens += len(seqs)
+        self.largest_batch = max(self.largest_batch, len(seqs))
+        for i, seq in enumerate(seqs):
+            self._guarded([seq], self._sample, seq, logits[i])
+
+    def _sample(self, seq: GenSequence, logits: mx.array) -> None:
+        self._take(seq, seq.sampler(logits.astype(mx.float32)))
+
+    def _take(self, seq: GenSequence, token: int) -> None:
+        seq.tokens.append(token)
+        reason = "stop" if token in seq.eos_ids else ("length" if len(seq.tokens) >= seq.max_tokens else None)
+        if seq.on_token:
+            seq.on_token(seq, token, reason)
+        if reason or seq._stop_reason is not None:
+            self._finish(seq, reason or seq._stop_reason)
+
+
+def _cached_tokens(cache: list) -> int:
+    return max((getattr(c, "offset", 0) for c in cache), default=0)

@@ -1,0 +1,261 @@
+"""The batching scheduler: every sequence of a batch gets exactly the tokens it gets alone.
+
+The reference for each sequence is the same request run alone (a batch of one, whose tokens other tests
+compare with mlx-lm). Batches here have staggered joins, different prompt lengths, cancellations,
+sequences restored from a snapshot, small and full expert caches and both I/O modes (float32, greedy).
+One test breaks the batching on purpose and shows the comparison catches it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from streamer.generation.generate import stream_generate
+from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.generation.scheduler import GenSequence, MemoryBudgetError, Scheduler
+from streamer.loader import load_engine
+from streamer.models import layer_cache
+from streamer.models.layer_cache import restore_caches, snapshot_caches
+from streamer.settings import RuntimeConfig
+from streamer.storage.repack import run_repack
+from streamer.storage.repack_plan import make_plan
+from streamer.synthetic.writer import generate
+
+GREEDY = SamplingParams()
+# Different lengths; the third is long enough to take several prefill chunks of 8.
+PROMPTS = [
+    [5, 77, 301, 12, 9],
+    [44, 500, 3],
+    [18, 250, 61, 7, 99, 140, 8, 2, 31, 64, 128, 256, 33, 17, 11, 90, 45, 300, 21, 6],
+    [400, 401],
+]
+N_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scheduler")
+    src = generate(root / "src", "like-35b", dtype="float32", seed=5)
+    run_repack(make_plan(src, root / "packed"))
+    return root / "packed"
+
+
+@pytest.fixture(scope="module")
+def engine(packed):
+    with load_engine(packed) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def solo(engine):
+    """Each prompt's greedy tokens, run alone."""
+    return [_alone(engine, p) for p in PROMPTS]
+
+
+def _alone(engine, prompt, max_tokens=N_TOKENS):
+    tokens = stream_generate(engine.model, _NoEos(), prompt, make_sampler(GREEDY), max_tokens)
+    return [r.token for r in tokens]
+
+
+class _NoEos:
+    """A tokenizer stand-in: no end-of-sequence ids (random weights may emit any id), plain detokenizer."""
+
+    eos_token_ids = frozenset()
+
+    def detokenizer(self):
+        return _Detok()
+
+
+class _Detok:
+    def add(self, token):
+        return ""
+
+    def finalize(self):
+        return ""
+
+
+def _seq(engine, prompt, max_tokens=N_TOKENS, **kwargs):
+    return GenSequence(list(prompt), make_sampler(GREEDY), max_tokens, engine.model.make_cache(), **kwargs)
+
+
+def _run(scheduler, joins):
+    """Runs the scheduler; ``joins`` maps a step number to the sequences that join before it."""
+    step = 0
+    while scheduler.busy or any(k >= step for k in joins):
+        for seq in joins.get(step, []):
+            scheduler.add(seq)
+        scheduler.step()
+        step += 1
+
+
+def test_staggered_batch_equals_each_sequence_alone(engine, solo):
+    scheduler = Scheduler(engine.model, max_batch=4, prefill_chunk=8)
+    seqs = [_seq(engine, p) for p in PROMPTS]
+    _run(scheduler, {0: seqs[:2], 3: [seqs[2]], 7: [seqs[3]]})
+    for seq, want in zip(seqs, solo, strict=True):
+        assert seq.finish_reason == "length"
+        assert seq.tokens == want
+    assert scheduler.largest_batch == 4
+
+
+def test_a_broken_batch_is_caught(engine, solo, monkeypatch):
+    """Rows attend over the wrong sequence's KV cache: the same comparison must fail."""
+    real = layer_cache.batch_caches
+
+    def swapped(caches):
+        layers = real(caches)
+        for layer in layers:
+            if isinstance(layer, layer_cache.KVBatch):
+                layer.members.reverse()
+        return layers
+
+    monkeypatch.setattr("streamer.generation.scheduler.batch_caches", swapped)
+    scheduler = Scheduler(engine.model, max_batch=4, prefill_chunk=8)
+    seqs = [_seq(engine, p) for p in PROMPTS]
+    _run(scheduler, {0: seqs})
+    assert [s.tokens for s in seqs] != solo
+
+
+@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
+@pytest.mark.parametrize("cache_experts", [8, 40, None])  # one layer's top-k .. every expert
+def test_batches_equal_alone_for_cache_sizes_and_io_modes(packed, solo, io_mode, cache_experts):
+    config = RuntimeConfig(cache_experts=cache_experts, io_mode=io_mode)
+    with load_engine(packed, config) as engine:
+        scheduler = Scheduler(engine.model, max_batch=3, prefill_chunk=16)
+        seqs = [_seq(engine, p) for p in PROMPTS]
+        _run(scheduler, {0: seqs[:3], 2: seqs[3:]})
+        stats = engine.stats()
+    assert [s.tokens for s in seqs] == solo
+    assert stats["cache_misses"] > 0
+    assert scheduler.largest_batch == 3
+
+
+def test_cancelled_sequences_leave_and_the_rest_are_unchanged(engine, solo):
+    scheduler = Scheduler(engine.model, max_batch=4, prefill_chunk=8)
+    seqs = [_seq(engine, p) for p in PROMPTS]
+    finished = []
+    for s in seqs:
+        s.on_finish = finished.append
+    waiting = _seq(engine, PROMPTS[0])
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.add(waiting)  # beyond max_batch: still waiting when cancelled
+    for _ in range(5):
+        scheduler.step()
+    seqs[1].cancel()
+    waiting.cancel()
+    _run(scheduler, {})
+    assert seqs[1].finish_reason == "cancelled" and 0 < len(seqs[1].tokens) < N_TOKENS
+    assert seqs[1].tokens == solo[1][: len(seqs[1].tokens)]
+    assert waiting.finish_reason == "cancelled" and waiting.tokens == []
+    for i in (0, 2, 3):
+        assert seqs[i].tokens == solo[i]
+    assert sorted(map(id, finished)) == sorted(map(id, seqs))
+
+
+def test_a_sequence_resumed_from_a_snapshot_joins_a_batch(engine, solo):
+    """A prompt whose first part is restored from a snapshot (a prefix-cache hit) decodes as if whole."""
+    prompt = PROMPTS[2]
+    cache = engine.model.make_cache()
+    first = _seq(engine, prompt[:12], max_tokens=1)
+    first.cache = cache
+    runner = Scheduler(engine.model)
+    runner.add(first)
+    runner.run_until_done()
+    snapshot = snapshot_caches(cache)  # the state after prompt[:12] (the sampled token was never fed)
+
+    resumed_cache = engine.model.make_cache()
+    restore_caches(resumed_cache, snapshot)
+    resumed = GenSequence(prompt[12:], make_sampler(GREEDY), N_TOKENS, resumed_cache)
+    others = [_seq(engine, p) for p in (PROMPTS[0], PROMPTS[1])]
+    scheduler = Scheduler(engine.model, max_batch=3, prefill_chunk=4)
+    _run(scheduler, {0: others, 2: [resumed]})
+    assert resumed.tokens == solo[2]
+    assert [s.tokens for s in others] == solo[:2]
+
+
+def test_prefill_chunks_interleave_with_running_decodes(engine):
+    """While a long prompt is read chunk by chunk, a running sequence still gets one token per step."""
+    scheduler = Scheduler(engine.model, max_batch=2, prefill_chunk=4)
+    running = _seq(engine, PROMPTS[1], max_tokens=30)
+    scheduler.add(running)
+    scheduler.step()
+    scheduler.step()
+    long = _seq(engine, PROMPTS[2] * 2)  # 40 tokens: 10 chunks of 4
+    chunks = []
+    long.on_prefill = lambda seq, done, total: chunks.append(len(running.tokens))
+    scheduler.add(long)
+    while long.prefilling:
+        scheduler.step()
+    assert len(chunks) == 10
+    assert chunks == list(range(chunks[0], chunks[0] + 10))  # one decode step per chunk
+
+
+def test_boundaries_pause_the_prefill_with_the_cache_at_that_length(engine):
+    seen = []
+
+    def at(seq, n):
+        seen.append((n, {c.offset for c in seq.cache}))
+
+    seq = _seq(engine, PROMPTS[2], boundaries=[5, 13], on_boundary=at)
+    scheduler = Scheduler(engine.model, prefill_chunk=8)
+    scheduler.add(seq)
+    scheduler.run_until_done()
+    assert seen == [(5, {5}), (13, {13})]
+
+
+def test_memory_budget_caps_the_batch_and_queues_the_rest(engine, solo):
+    one = engine.model.state_bytes(len(PROMPTS[2]) + N_TOKENS)
+    scheduler = Scheduler(engine.model, max_batch=8, prefill_chunk=8, max_state_bytes=2 * one)
+    seqs = [_seq(engine, p) for p in PROMPTS]
+    _run(scheduler, {0: seqs})
+    assert scheduler.largest_batch == 2
+    assert [s.tokens for s in seqs] == solo
+    assert scheduler.reserved_bytes == 0
+    with pytest.raises(MemoryBudgetError, match="budget"):
+        scheduler.add(_seq(engine, list(range(3, 3000)), max_tokens=10_000))
+
+
+def test_state_bytes_matches_the_caches_it_describes(engine):
+    """The budget's per-sequence estimate against the bytes real caches hold after a prefill."""
+    cache = engine.model.make_cache()
+    seq = GenSequence(PROMPTS[2], make_sampler(GREEDY), 1, cache)
+    runner = Scheduler(engine.model)
+    runner.add(seq)
+    runner.run_until_done()
+    held = sum(a.nbytes for c in cache for a in c.state)
+    assert held == engine.model.state_bytes(len(PROMPTS[2]))
+
+
+def test_a_failing_step_fails_only_its_sequences(engine, solo, monkeypatch):
+    """An exception in one sequence's sampler ends that sequence with "error"; the batch goes on."""
+    scheduler = Scheduler(engine.model, max_batch=4, prefill_chunk=8)
+    seqs = [_seq(engine, p) for p in PROMPTS[:3]]
+    calls = {"n": 0}
+    real = seqs[1].sampler
+
+    def flaky(logits: mx.array) -> int:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("sampler broke")
+        return real(logits)
+
+    seqs[1].sampler = flaky
+    _run(scheduler, {0: seqs})
+    assert seqs[1].finish_reason == "error" and "sampler broke" in str(seqs[1].error)
+    assert seqs[0].tokens == solo[0] and seqs[2].tokens == solo[2]
+
+
+def test_each_layer_reads_the_union_of_the_batch_once_per_step(packed):
+    """One routing decision per layer per decode step, for all rows together (not one per sequence)."""
+    with load_engine(packed, RuntimeConfig(cache_experts=40)) as engine:
+        calls = []
+        engine.runtime.on_route = lambda layer, ids: calls.append((layer, ids.shape[0]))
+        scheduler = Scheduler(engine.model, max_batch=4, prefill_chunk=64)
+        seqs = [_seq(engine, p, max_tokens=8) for p in PROMPTS]
+        _run(scheduler, {0: seqs})
+    layers = engine.args.num_hidden_layers
+    decode_calls = [rows for _, rows in calls if rows > 1 and rows <= 4]
+    # The 3 decode steps after every prompt was read route 4 rows at once in every layer.
+    assert decode_calls.count(4) >= 3 * layers
