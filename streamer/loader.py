@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
-from streamer.errors import CheckpointError, PackedFormatError
+from streamer.errors import CheckpointError, ConfigError, PackedFormatError
 from streamer.experts.budget import cache_budget
 from streamer.experts.runtime import ExpertRuntime
 from streamer.experts.streamed import StreamedExperts
@@ -37,9 +37,13 @@ class Engine:
     tokenizer: Tokenizer
     path: Path
     runtime: ExpertRuntime | None = None
+    # How experts are chosen (``routing_label``): every stats snapshot carries it, so each front end
+    # that shows stats (generate --json, bench, /v1/stats) labels approximate output.
+    routing: dict = field(default_factory=lambda: {"mode": "exact"})
 
     def stats(self) -> dict:
-        return self.runtime.snapshot_stats() if self.runtime else {}
+        stats = self.runtime.snapshot_stats() if self.runtime else {}
+        return {**stats, "routing": dict(self.routing)}
 
     def close(self) -> None:
         if self.runtime:
@@ -80,7 +84,8 @@ def load_engine(
             "(or pass --resident to hold every expert in memory)"
         )
     model, args = load_model(path, config.dtype)
-    return Engine(model, args, Tokenizer(path), path)
+    apply_routing(model, args, config, None)
+    return Engine(model, args, Tokenizer(path), path, routing=routing_label(config, args))
 
 
 def load_streamed(
@@ -92,6 +97,7 @@ def load_streamed(
     args = ModelArgs.from_dict(raw_config, source=str(path / "config.json"))
     check_matches_config(packed, args)
     model = Model(args, dtype=_resolve_dtype(config.dtype))
+    check_routing(config, args, streamed=True)
     runtime = ExpertRuntime(
         packed,
         cache_bytes=cache_budget(packed, args, config.cache_bytes, config.cache_experts, config.dtype),
@@ -109,7 +115,9 @@ def load_streamed(
         for i, layer in enumerate(layers):
             # The next layer's router, looked up at call time (quantization replaces the module).
             predictor = (lambda x, mlp=layers[i + 1].mlp: mlp.gate(x)) if i + 1 < len(layers) else None
-            layer.mlp.replace_experts(StreamedExperts(runtime, i, predictor, args.num_experts_per_tok))
+            top_k = config.experts_per_token or args.num_experts_per_tok
+            layer.mlp.replace_experts(StreamedExperts(runtime, i, predictor, top_k))
+        apply_routing(model, args, config, runtime)
         weights = packed.load_resident()
         spec = QuantSpec.from_config(raw_config, {n: tuple(w.shape) for n, w in weights.items()})
         quantize_modules(model, spec)
@@ -125,7 +133,70 @@ def load_streamed(
     except BaseException:
         runtime.close()
         raise
-    return Engine(model, args, Tokenizer(path), path, runtime)
+    return Engine(model, args, Tokenizer(path), path, runtime, routing=routing_label(config, args))
+
+
+def check_routing(config: RuntimeConfig, args: ModelArgs, streamed: bool) -> None:
+    """The approximate-routing flags must fit the model and the way its experts are held.
+
+    Raises:
+        ConfigError: --experts-per-token above the model's top-k, or --cache-bias without a cache.
+    """
+    top_k, k = args.num_experts_per_tok, config.experts_per_token
+    if k is not None and k > top_k:
+        raise ConfigError(
+            f"--experts-per-token {k} is more than the model's {top_k} experts per token "
+            f"(num_experts_per_tok in config.json); give 1 .. {top_k}, or leave it out for exact routing"
+        )
+    if config.cache_bias and not streamed:
+        raise ConfigError(
+            "--cache-bias favours experts in the expert cache, and a --resident model has none (every "
+            "expert is in memory); run the packed model, or drop --cache-bias"
+        )
+
+
+def apply_routing(
+    model: Model, args: ModelArgs, config: RuntimeConfig, runtime: ExpertRuntime | None
+) -> None:
+    """Sets every MoE block's routing from ``config``; exact routing leaves the blocks untouched.
+
+    Raises:
+        ConfigError: see ``check_routing``.
+    """
+    check_routing(config, args, streamed=runtime is not None)
+    if config.exact_routing:
+        return
+    for i, layer in enumerate(model.layers):
+        mask = (lambda layer_index=i: runtime.cached_mask(layer_index)) if config.cache_bias else None
+        layer.mlp.set_routing(config.experts_per_token, config.cache_bias, mask)
+
+
+def routing_label(config: RuntimeConfig, args: ModelArgs) -> dict:
+    """What the output's routing is: ``{"mode": "exact"}``, or "approximate" with the settings used."""
+    top_k = args.num_experts_per_tok
+    k = config.experts_per_token or top_k
+    if k == top_k and not config.cache_bias:  # --experts-per-token = top-k is the exact routing
+        return {"mode": "exact"}
+    return {"mode": "approximate", "experts_per_token": k, "model_experts_per_token": top_k,
+            "cache_bias": config.cache_bias}  # fmt: skip
+
+
+def describe_routing(label: dict, short: bool = False) -> str:
+    """One line for people: "exact routing", or what the approximation is (and, unless ``short``, how to
+    measure it)."""
+    if label.get("mode", "exact") == "exact":
+        return "exact routing"
+    parts = []
+    if label["experts_per_token"] != label["model_experts_per_token"]:
+        parts.append(f"{label['experts_per_token']} of {label['model_experts_per_token']} experts per token")
+    if label["cache_bias"]:
+        parts.append(f"cache bias {label['cache_bias']:g}")
+    if short:
+        return f"APPROXIMATE routing ({', '.join(parts)})"
+    return (
+        f"APPROXIMATE routing ({', '.join(parts)}): output differs from the model's exact output; "
+        "`streamer bench --compare-exact` measures by how much"
+    )
 
 
 def preload(

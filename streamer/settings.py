@@ -45,6 +45,14 @@ class RuntimeConfig:
     # experts in layer and id order until full; "none": start empty.
     preload: str = "none"
     profile: str | None = None  # --profile: the profile file --preload hot reads
+    # Approximate routing, opt-in (models/moe_block.py); the defaults are the model's exact routing.
+    experts_per_token: int | None = None  # --experts-per-token: fewer than the model's top-k
+    cache_bias: float = 0.0  # --cache-bias: added to cached experts' router logits (streamed models only)
+
+    @property
+    def exact_routing(self) -> bool:
+        """True unless an approximate-routing flag is set (cache bias 0 and no --experts-per-token)."""
+        return self.experts_per_token is None and self.cache_bias == 0
 
     def __post_init__(self):
         if self.cache_bytes is not None and self.cache_experts is not None:
@@ -63,6 +71,16 @@ class RuntimeConfig:
             )
         if self.preload not in PRELOAD_MODES:
             raise ConfigError(f"--preload must be one of {', '.join(PRELOAD_MODES)}, got {self.preload!r}")
+        if self.experts_per_token is not None and self.experts_per_token < 1:
+            raise ConfigError(
+                f"--experts-per-token must be at least 1, got {self.experts_per_token} "
+                "(leave it out for the model's own top-k)"
+            )
+        if not (self.cache_bias >= 0 and math.isfinite(self.cache_bias)):
+            raise ConfigError(
+                f"--cache-bias must be a finite number >= 0 (a log-probability margin; 0 = exact), "
+                f"got {self.cache_bias}"
+            )
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not (self.io_timeout_s > 0 and math.isfinite(self.io_timeout_s)):

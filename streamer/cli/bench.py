@@ -22,20 +22,47 @@ from streamer.errors import ConfigError
     show_default=True,
     help="Also time random reads of the model's expert blocks (about 2 s).",
 )
+@click.option(
+    "--compare-exact",
+    is_flag=True,
+    help="Also measure how far these flags' routing is from exact routing: the model reads a held-out "
+    "text teacher-forced twice (exact, then as flagged); prints top-1 agreement, KL and loss change, "
+    "and each run's cache misses and bytes read.",
+)
+@click.option(
+    "--compare-tokens",
+    type=click.IntRange(min=3),
+    default=256,
+    show_default=True,
+    help="Tokens of text for --compare-exact (the first 64, at most half, are the prompt).",
+)
+@click.option(
+    "--compare-text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The text --compare-exact reads (default: streamer's own Python sources).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @with_runtime
-def bench(model, prompt_tokens, decode_tokens, trace, disk_test, as_json, runtime, resident):
+def bench(
+    model, prompt_tokens, decode_tokens, trace, disk_test, compare_exact, compare_tokens, compare_text,
+    as_json, runtime, resident,
+):  # fmt: skip
     """Measure prompt and decode speed of MODEL (the demo when omitted) with the given cache flags.
 
     Prints prompt and decode tok/s, the expert cache hit rate, GB/s read and the share of time stalled
-    on I/O. With --trace, the routing is saved for `streamer advise`.
+    on I/O. With --trace, the routing is saved for `streamer advise`. With --compare-exact, the
+    approximate-routing flags (--experts-per-token, --cache-bias) are measured against exact routing.
 
     \b
     Examples:
       streamer bench mlx-community/Qwen3.5-35B-A3B-4bit --cache-gb 8
       streamer bench ./packed --trace route.jsonl --json
+      streamer bench ./packed --cache-gb 8 --cache-bias 1 --compare-exact
     """
+    from streamer.loader import load_engine
     from streamer.tuning.bench import bench_prompt, measure_read_gbps, run_bench
+    from streamer.tuning.divergence import measure_divergence
     from streamer.tuning.trace import RouteTrace
 
     with open_engine(model, runtime, resident) as engine:
@@ -52,6 +79,16 @@ def bench(model, prompt_tokens, decode_tokens, trace, disk_test, as_json, runtim
         if disk_test and engine.runtime is not None:
             gbps, mode = measure_read_gbps(engine.path, threads=runtime.threads)
             result["disk"] = {"read_gbps": gbps, "io_mode": mode}
+        result["routing"] = dict(engine.routing)
+        path = engine.path
+        if compare_exact:  # tokenized now; the comparison's two runs load fresh engines, one at a time
+            text, ids = _compare_ids(engine, compare_text, compare_tokens)
+    if compare_exact:
+        n_prompt = min(64, compare_tokens // 2)
+        divergence = measure_divergence(
+            lambda cfg: load_engine(path, cfg, resident=resident), runtime, ids, n_prompt
+        )
+        result["compare_exact"] = {"text": text, "prompt_tokens": n_prompt, **divergence}
     if trace:
         result["trace"] = str(trace)
     if as_json:
@@ -60,7 +97,37 @@ def bench(model, prompt_tokens, decode_tokens, trace, disk_test, as_json, runtim
         _print_bench(result)
 
 
+def _compare_ids(engine, text_file: Path | None, n_tokens: int) -> tuple[str, list[int]]:
+    from streamer.tuning.divergence import default_text, text_ids
+
+    if text_file is None:
+        name, text = default_text()
+    else:
+        name, text = str(text_file), text_file.read_text(encoding="utf-8", errors="replace")
+    try:
+        return name, text_ids(engine, text, n_tokens)
+    except ValueError as e:
+        fix = "give a longer text or fewer --compare-tokens"
+        raise ConfigError(f"--compare-text {name}: {e}; {fix}") from None
+
+
 def _print_bench(r: dict) -> None:
+    from streamer.loader import describe_routing
+    from streamer.tuning.divergence import describe
+
+    _print_speed(r)
+    click.echo(f"routing: {describe_routing(r['routing'])}")
+    if "compare_exact" in r:
+        c = r["compare_exact"]
+        click.echo(
+            f"vs exact routing, teacher-forced on {c['text']} ({c['prompt_tokens']} prompt tokens, then "
+            "decode steps; each run from a fresh cache):"
+        )
+        for line in describe(c):
+            click.echo(f"  {line}")
+
+
+def _print_speed(r: dict) -> None:
     p, d = r["prompt"], r["decode"]
     click.echo(f"prompt: {p['tokens']} tokens at {p['tps']:.1f} tok/s")
     click.echo(

@@ -20,6 +20,7 @@ from streamer.errors import StreamerError
 from streamer.generation.chat_session import DEFAULT_MAX_TOKENS, ChatChunk, ChatSession, TurnStats
 from streamer.generation.generate import PREFILL_CHUNK
 from streamer.generation.sampling import default_sampling_params, model_max_tokens, model_thinks_by_default
+from streamer.loader import describe_routing
 from streamer.storage.session import list_sessions, read_session, session_path, write_session
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -131,6 +132,8 @@ class _ChatLoop:
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
             self._note(self._banner())
+        elif self.session.engine.routing.get("mode") != "exact":
+            self._note(describe_routing(self.session.engine.routing))  # piped: no banner, still labelled
         while True:
             try:
                 line = self._read()
@@ -319,6 +322,8 @@ class _ChatLoop:
         parts += self._expert_parts(tot["expert"])
         if tot["cache_bytes"]:
             parts.append(f"expert cache {tot['cache_bytes'] / 1e9:.2f} GB")
+        if self.session.engine.routing.get("mode") != "exact":
+            parts.append(describe_routing(self.session.engine.routing, short=True))
         return " | ".join(parts)
 
     @staticmethod
@@ -339,7 +344,7 @@ class _ChatLoop:
         if p.repetition_penalty != 1:
             sampling += f", repetition {p.repetition_penalty:g}"
         return (
-            f"chatting with {s.engine.path.name} ({mode}; {sampling}). "
+            f"chatting with {s.engine.path.name} ({mode}; {sampling}; {describe_routing(s.engine.routing)}). "
             "/help for commands, Ctrl-C stops an answer, Ctrl-D exits."
         )
 

@@ -13,6 +13,7 @@ from streamer.cli.options import open_engine, sampling_options, with_runtime
 from streamer.errors import ConfigError
 from streamer.generation.generate import stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler, model_thinks_by_default
+from streamer.loader import describe_routing
 from streamer.tuning.trace import RouteTrace
 
 
@@ -70,6 +71,8 @@ def generate(
     prompt_ids = None if prompt_ids is None else _parse_ids(prompt_ids)
     with open_engine(model, runtime, resident) as engine:
         tok = engine.tokenizer
+        if engine.routing["mode"] != "exact" and not as_json:  # --json carries it in stats.routing
+            click.echo(describe_routing(engine.routing), err=True)
         if prompt_ids is not None:
             ids = prompt_ids
             if max(ids) >= engine.args.vocab_size:
@@ -150,6 +153,7 @@ def _print_stats(s: dict) -> None:
         )
         if s.get("predicted"):
             lines.append(f"next-layer prediction: {100 * s['predicted_right'] / s['predicted']:.1f}% right")
+    lines.append(describe_routing(s["routing"], short=True))
     for line in lines:
         click.echo(line, err=True)
     sys.stderr.flush()

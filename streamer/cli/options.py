@@ -77,6 +77,23 @@ def runtime_options(command):
             default=None,
             help="The expert profile --preload hot reads (default: profile.json in the packed model).",
         ),
+        click.option(
+            "--experts-per-token",
+            type=int,
+            default=None,
+            help="APPROXIMATE: run only the N most probable of the model's top-k experts per token "
+            "(scores renormalised as the model does). Default: the model's top-k (exact). "
+            "`streamer bench --compare-exact` measures the divergence.",
+        ),
+        click.option(
+            "--cache-bias",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="APPROXIMATE: add this to the router logits of experts already in the expert cache "
+            "before top-k (a cached expert replaces an uncached one at most exp(BIAS) times likelier; "
+            "fewer reads). 0 = exact routing. Packed (streamed) models only.",
+        ),
         click.option("--threads", type=int, default=8, show_default=True, help="Expert reader threads."),
         click.option(
             "--io-timeout",
@@ -121,6 +138,8 @@ def runtime_config(
     cache_policy: str = DEFAULT_POLICY,
     preload: str = "none",
     profile_path: str | None = None,
+    experts_per_token: int | None = None,
+    cache_bias: float = 0.0,
 ) -> RuntimeConfig:
     """The RuntimeConfig the shared flags describe (validation errors name the flag)."""
     if cache_gb is not None and not (cache_gb > 0 and math.isfinite(cache_gb)):
@@ -139,6 +158,8 @@ def runtime_config(
         cache_policy=cache_policy,
         preload=preload,
         profile=profile_path,
+        experts_per_token=experts_per_token,
+        cache_bias=cache_bias,
     )
 
 
@@ -151,6 +172,8 @@ def pop_runtime_kwargs(kwargs: dict) -> tuple[RuntimeConfig, bool]:
     io["cache_policy"] = kwargs.pop("cache_policy", DEFAULT_POLICY)
     io["preload"] = kwargs.pop("preload", "none")
     io["profile_path"] = kwargs.pop("profile_path", None)
+    io["experts_per_token"] = kwargs.pop("experts_per_token", None)
+    io["cache_bias"] = kwargs.pop("cache_bias", 0.0)
     return runtime_config(**values, **io), resident
 
 

@@ -115,6 +115,14 @@ class ExpertRuntime:
             )
         return table
 
+    def cached_mask(self, layer: int) -> mx.array | None:
+        """[E] float32, 1.0 where ``layer``'s expert is in a slot now (no use counted; for cache-aware
+        routing); None when every expert of the model is cached (nothing to favour)."""
+        if self.all_cached():
+            return None
+        E = self.layer_entry(layer).num_experts
+        return mx.array(np.fromiter(((layer, e) in self.cache for e in range(E)), dtype=np.float32, count=E))
+
     def count_hits(self, hits) -> None:
         """Adds hits of the all-cached path: an int, or a device scalar summed when stats are read."""
         if isinstance(hits, int):
