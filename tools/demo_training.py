@@ -99,6 +99,26 @@ class TrainConfig:
         )
 
 
+# Named runs (tools/train_demo.py --preset): TrainConfig fields that differ from the defaults.
+PRESETS = {
+    # The shipped demo (streamer/assets/demo): 8 layers, 64 experts top-8, the 35B-A3B's routing shape.
+    "demo": {},
+    # A routing-study model at the flagship's routing geometry in miniature (the 397B has 512 experts
+    # top-10): 256 experts top-10, narrow and shallow so it trains on two CPU cores in about 30 minutes.
+    # Its held-out decode routing (benchmarks/traces/) drives the cache-policy and cache-aware-routing
+    # studies (benchmarks/bench_trained_routing.py, bench_approx_routing.py).
+    "routing-study": {
+        "hidden_size": 64,
+        "num_layers": 4,
+        "num_experts": 256,
+        "top_k": 10,
+        "moe_intermediate_size": 64,
+        "shared_intermediate_size": 128,
+        "steps": 1000,
+    },
+}
+
+
 def vocab_size_for(n_tokens: int) -> int:
     """The embedding rows for a tokenizer of ``n_tokens``: rounded up to a multiple of 64."""
     return -(-n_tokens // 64) * 64

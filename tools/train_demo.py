@@ -4,6 +4,11 @@
     python tools/train_demo.py                                  # train (or resume) in the default run dir
     python tools/train_demo.py --export streamer/assets/demo    # ... then write the shipped checkpoint
     python tools/train_demo.py --steps 20 --layers 2 --max-corpus-chars 200000 --out /tmp/tiny
+    python tools/train_demo.py --preset routing-study --out scratch/routing-study \
+        --export scratch/routing-study/checkpoint-export    # 256 experts top-10, ~30 min on 2 cores
+
+``--preset`` picks a named geometry (``demo_training.PRESETS``: ``demo``, the default, is the shipped
+model; ``routing-study`` has the 397B's routing shape in miniature); the other flags override its fields.
 
 A Qwen3.5-MoE (the project's own model classes, float32, chunked DeltaNet) learns the Python standard
 library's source: see tools/demo_corpus.py for the corpus and tokenizer, tools/demo_training.py for the
@@ -51,10 +56,16 @@ def default_run_dir() -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from demo_training import TrainConfig
+    from demo_training import PRESETS, TrainConfig
 
-    d = TrainConfig()
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    preset = first.parse_known_args(argv)[0].preset
+    d = TrainConfig(**PRESETS[preset])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="demo", help="named geometry (other flags override it)"
+    )
     p.add_argument("--out", type=Path, default=None, help="run directory (default: <cache>/train-demo)")
     p.add_argument("--export", type=Path, default=None, help="after training, write the checkpoint here")
     p.add_argument("--export-only", action="store_true", help="skip training; export the last checkpoint")
@@ -66,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=d.num_experts)
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--expert-inter", type=int, default=d.moe_intermediate_size)
+    p.add_argument("--shared-inter", type=int, default=None, help="default: 2 x --expert-inter")
     p.add_argument("--vocab-tokens", type=int, default=d.vocab_tokens)
     p.add_argument("--batch", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -89,7 +101,7 @@ def config_from_args(a: argparse.Namespace):
         num_experts=a.experts,
         top_k=a.top_k,
         moe_intermediate_size=a.expert_inter,
-        shared_intermediate_size=2 * a.expert_inter,
+        shared_intermediate_size=a.shared_inter or 2 * a.expert_inter,
         vocab_tokens=a.vocab_tokens,
         max_corpus_chars=a.max_corpus_chars,
         steps=a.steps,

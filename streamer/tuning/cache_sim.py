@@ -3,7 +3,7 @@
 A trace is what ``streamer generate --trace`` and ``streamer bench --trace`` write, one JSON line per
 layer call in execution order: ``{"pos": P, "layer": l, "experts": [[K ids] per token]}``. Each line is
 one *step*: the layer needs the union of its tokens' experts in slots at once (a decode step has one
-token, a prefill chunk many).
+token, a prefill chunk many). A file named ``*.gz`` is read through gzip (compact traces to keep).
 
 Policies over the same stream of (layer, expert) accesses, per slot pool (layers whose expert blocks have
 the same shape share one pool, as in ``ExpertCache``):
@@ -21,6 +21,7 @@ Names: S = slots in a pool, B = a batch of distinct experts needed at once.
 
 from __future__ import annotations
 
+import gzip
 import heapq
 import json
 import math
@@ -82,7 +83,7 @@ def trace_records(path: str | Path) -> Iterator[tuple[int, int, list[list[int]]]
             f"or `streamer generate MODEL ... --trace {path}`"
         )
     seen = False
-    with open(path, "rb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:  # .gz: a compressed trace
         for n, line in enumerate(f, 1):
             if line.strip():
                 seen = True
