@@ -9,7 +9,9 @@ snapshot saved from prefill (``input_tokens`` the ones prefilled).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
+from streamer.generation.constrained import tool_call_grammar
 from streamer.serve.api import (
     ApiContext,
     ApiError,
@@ -20,6 +22,7 @@ from streamer.serve.api import (
     Prompt,
     answer_events,
     completion_budget,
+    make_constraint,
     make_id,
     make_job,
     render_chat,
@@ -37,7 +40,7 @@ def error_body(e: ApiError) -> dict:
 
 def count_tokens(body, ctx: ApiContext) -> JsonResponse:
     """Handles POST /v1/messages/count_tokens."""
-    prompt, _ = _prompt(Fields(body), ctx, counting=True)
+    prompt, _, _ = _prompt(Fields(body), ctx)
     return JsonResponse({"input_tokens": len(prompt.ids)})
 
 
@@ -48,7 +51,12 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     max_tokens = f.number("max_tokens", 1, integer=True)
     if max_tokens is None:
         raise ApiError(400, "max_tokens is required", param="max_tokens")
-    prompt, tools = _prompt(f, ctx)
+    prompt, tools, forced = _prompt(f, ctx)
+    grammar = None
+    if forced is not None:
+        parallel = not forced.disable_parallel
+        grammar = lambda: tool_call_grammar(tools, forced.names, parallel)  # noqa: E731
+    constraint = make_constraint(ctx, grammar, prompt.thinking, "tool_choice")
     mid = make_id("msg_")
     job = make_job(
         ctx,
@@ -61,6 +69,7 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         stop_param="stop_sequences",
         snapshot_at=() if prompt.boundary is None else (prompt.boundary,),
         label=mid,
+        constraint=constraint,
     )
     events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
     head = {"id": mid, "type": "message", "role": "assistant", "model": model}
@@ -69,7 +78,7 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     return _answer(head, events)
 
 
-def _prompt(f: Fields, ctx: ApiContext, counting: bool = False) -> tuple[Prompt, list[dict] | None]:
+def _prompt(f: Fields, ctx: ApiContext) -> tuple[Prompt, list[dict] | None, _Forced | None]:
     ctx.settings.check_model(f.body.get("model"))
     history = []
     system = f.get("system", (str, list))
@@ -80,18 +89,23 @@ def _prompt(f: Fields, ctx: ApiContext, counting: bool = False) -> tuple[Prompt,
     if not history:
         raise ApiError(400, "messages must not be empty", param="messages")
     tools = _tools(f.get("tools", list))
-    if _tool_choice(f, tools, counting) == "none":
+    kind, forced = _tool_choice(f, tools)
+    if kind == "none":
         tools = None
     ctx.memory.fill(history)
-    return render_chat(ctx.tokenizer, history, tools, _thinking(f, ctx.settings.thinking)), tools
+    return render_chat(ctx.tokenizer, history, tools, _thinking(f, ctx.settings.thinking)), tools, forced
 
 
-_NOT_YET = "is not supported yet (it needs constrained decoding, which this server does not have)"
+@dataclass
+class _Forced:
+    """A tool_choice that forces a call: the tools it may name, and whether only one call may come."""
+
+    names: list[str]
+    disable_parallel: bool
 
 
-def _tool_choice(f: Fields, tools: list[dict] | None, counting: bool = False) -> str:
-    """The request's tool_choice type, checked: 'auto' or 'none' (forcing a call cannot be enforced yet,
-    but a request that only counts tokens may name any valid choice)."""
+def _tool_choice(f: Fields, tools: list[dict] | None) -> tuple[str, _Forced | None]:
+    """The request's tool_choice type, checked, and for 'any' / 'tool' the call it forces."""
     choice = Fields(f.get("tool_choice", dict, {"type": "auto"}), "tool_choice")
     kind = choice.get("type", str, required=True)
     if kind not in ("auto", "any", "tool", "none"):
@@ -100,10 +114,10 @@ def _tool_choice(f: Fields, tools: list[dict] | None, counting: bool = False) ->
             f"tool_choice.type must be 'auto', 'any', 'tool' or 'none', got {kind!r}",
             param="tool_choice",
         )
-    choice.get("disable_parallel_tool_use", bool)
+    disable_parallel = choice.get("disable_parallel_tool_use", bool, False)
+    names = [t["function"]["name"] for t in tools or []]
     if kind == "tool":
         name = choice.get("name", str)
-        names = [t["function"]["name"] for t in tools or []]
         if name is None or name not in names:
             raise ApiError(
                 400,
@@ -111,9 +125,14 @@ def _tool_choice(f: Fields, tools: list[dict] | None, counting: bool = False) ->
                 f"({', '.join(map(repr, names)) or 'none given'}), got {name!r}",
                 param="tool_choice",
             )
-    if kind in ("any", "tool") and not counting:
-        raise ApiError(400, f"tool_choice type {kind!r} {_NOT_YET}; use 'auto'", param="tool_choice")
-    return kind
+        return kind, _Forced([name], disable_parallel)
+    if kind == "any":
+        if not names:
+            raise ApiError(
+                400, "tool_choice {'type': 'any'} needs at least one tool in tools", param="tool_choice"
+            )
+        return kind, _Forced(names, disable_parallel)
+    return kind, None
 
 
 def _answer(head: dict, events) -> JsonResponse | None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import jinja2
 
 from streamer.errors import ConfigError
+from streamer.generation.constrained import Constraint, GrammarError, Vocabulary
 from streamer.generation.sampling import SamplingParams, default_sampling_params
-from streamer.serve.tool_calls import Delta, OutputParser
+from streamer.serve.tool_calls import THINK_CLOSE, Delta, OutputParser
 from streamer.serve.worker import Failed, Finished, GenerationWorker, Job, Piece, TokenLogprob
 
 # Request sampling fields that may override the server's defaults: field name -> (type, low, high).
@@ -237,6 +238,7 @@ def make_job(
     snapshot_at: tuple[int, ...],
     label: str,
     logprobs: int | None = None,
+    constraint: Constraint | None = None,
 ) -> Job:
     """The generation job every API dialect asks for: sampling from the request over the server's
     defaults, stop strings from the dialect's own parameter (``stop`` / ``stop_sequences``)."""
@@ -249,7 +251,36 @@ def make_job(
         ignore_eos=f.flag("ignore_eos"),
         logprobs=logprobs,
         label=label,
+        constraint=constraint,
     )
+
+
+def make_constraint(
+    ctx: ApiContext, grammar: Callable[[], str] | None, thinking: bool, param: str
+) -> Constraint | None:
+    """The compiled grammar a request's answer must follow (None: no grammar); a bad one (say, a JSON
+    schema the grammar library cannot compile) is a 400 naming ``param``.
+
+    ``grammar`` writes the grammar text (see ``streamer.generation.constrained``). When the answer starts
+    with reasoning, the grammar applies after ``</think>``: the model thinks freely, then writes what the
+    grammar allows (the reasoning counts against the same max_tokens).
+    """
+    if grammar is None:
+        return None
+    start_after = None
+    if thinking:
+        start_after = ctx.tokenizer.token_id(THINK_CLOSE)
+        if start_after is None:
+            raise ApiError(
+                400,
+                f"{param} cannot follow thinking on this model (its tokenizer has no {THINK_CLOSE} token); "
+                "turn thinking off for this request",
+                param=param,
+            )
+    try:
+        return Constraint(ctx.vocabulary(), grammar(), start_after)
+    except GrammarError as e:
+        raise ApiError(400, f"{param}: {e}", param=param) from None
 
 
 def completion_budget(
@@ -345,7 +376,8 @@ def run_job(ctx: ApiContext, job: Job, poll_s: float = 0.2) -> Iterator:
                 continue
             if isinstance(event, Failed):
                 finished = True
-                raise ApiError(500, event.message, kind="server_error")
+                kind = "server_error" if event.status >= 500 else "invalid_request_error"
+                raise ApiError(event.status, event.message, kind=kind)
             finished = isinstance(event, Finished)
             yield event
             if finished:
@@ -446,3 +478,9 @@ class ApiContext:
     worker: GenerationWorker
     client_gone: ClientGone = lambda: False
     memory: ReasoningMemory = field(default_factory=ReasoningMemory)
+    # The tokenizer in the grammar library's form (built on first use: about a second for 248k ids).
+    vocabulary: Callable[[], Vocabulary] = lambda: _no_vocabulary()
+
+
+def _no_vocabulary() -> Vocabulary:
+    raise ApiError(500, "constrained decoding is not set up on this server", kind="server_error")

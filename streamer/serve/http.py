@@ -25,12 +25,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from streamer.errors import ConfigError
+from streamer.generation.constrained import Vocabulary
 from streamer.generation.sampling import model_max_tokens, model_thinks_by_default
 from streamer.serve import anthropic_api as api_anthropic
 from streamer.serve import openai_api as api_openai
 from streamer.serve.api import ApiContext, ApiError, EventStream, JsonResponse, ReasoningMemory, ServeSettings
 from streamer.serve.prefix_cache import PrefixCache
-from streamer.serve.worker import GenerationWorker, ScriptedModel
+from streamer.serve.worker import BatchSettings, GenerationWorker, ScriptedModel
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ServeConfig:
     prefix_cache_bytes: int = 2 * 10**9
     prefix_cache_entries: int = 32
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; "*" for any
+    batch: BatchSettings = field(default_factory=BatchSettings)  # --max-batch, --prefill-chunk, ...
 
 
 CORS_ALLOW_HEADERS = (
@@ -90,6 +92,17 @@ class App:
         self.routes = _routes()
         self.started = int(time.time())
         self.memory = ReasoningMemory()
+        self._vocabulary: Vocabulary | None = None
+        self._vocabulary_lock = threading.Lock()
+
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer as the grammar library sees it, built by the first constrained request."""
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                # The engine's tokenizer was read from this file (packed copies carry it along).
+                path = self.worker.engine.path / "tokenizer.json"
+                self._vocabulary = Vocabulary.from_file(path, self.tokenizer.eos_token_ids)
+            return self._vocabulary
 
     def authorized(self, headers) -> bool:
         key = self.settings.api_key
@@ -181,7 +194,9 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_json() if method == "POST" else None
             if path != "/health" and not app.authorized(self.headers):
                 raise ApiError(401, _AUTH_HINT, kind="authentication_error")
-            ctx = ApiContext(app.settings, app.tokenizer, app.worker, self._client_gone, app.memory)
+            ctx = ApiContext(
+                app.settings, app.tokenizer, app.worker, self._client_gone, app.memory, app.vocabulary
+            )
             result = app.route("GET" if method == "HEAD" else method, path, body, ctx)
         except ApiError as e:
             self._send_error(e, anthropic)
@@ -362,7 +377,7 @@ def start_server(load: Callable, config: ServeConfig, scripted: ScriptedModel | 
         scripted: a test seam: the worker answers with these text pieces instead of the model's.
     """
     worker = GenerationWorker(
-        load, PrefixCache(config.prefix_cache_bytes, config.prefix_cache_entries), scripted
+        load, PrefixCache(config.prefix_cache_bytes, config.prefix_cache_entries), scripted, config.batch
     )
     worker.start()
     engine = worker.engine

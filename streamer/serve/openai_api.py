@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 
+from streamer.generation.constrained import json_grammar, tool_call_grammar
 from streamer.serve.api import (
     ApiContext,
     ApiError,
@@ -23,6 +24,7 @@ from streamer.serve.api import (
     Logprobs,
     answer_events,
     completion_budget,
+    make_constraint,
     make_id,
     make_job,
     render_chat,
@@ -55,9 +57,13 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     if not messages:
         raise ApiError(400, "messages must not be empty", param="messages")
     tools = _tools(f.get("tools", list))
-    if _tool_choice(f, tools) == "none":
+    choice, forced = _tool_choice(f, tools)
+    if choice == "none":
         tools = None
-    _response_format(f)
+    grammar, grammar_param = response_format_grammar(f.get("response_format", dict, {})), "response_format"
+    if forced:
+        parallel = f.flag("parallel_tool_calls", True)
+        grammar, grammar_param = (lambda: tool_call_grammar(tools, forced, parallel)), "tool_choice"
     thinking = _thinking(f, ctx.settings.thinking)
     ctx.memory.fill(messages)
     prompt = render_chat(ctx.tokenizer, messages, tools, thinking)
@@ -68,6 +74,7 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     include_usage = _include_usage(f)
     cid = make_id("chatcmpl-")
     snapshot_at = () if prompt.boundary is None else (prompt.boundary,)
+    constraint = make_constraint(ctx, grammar, prompt.thinking, grammar_param)
     job = make_job(
         ctx,
         f,
@@ -78,6 +85,7 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
         snapshot_at=snapshot_at,
         label=cid,
         logprobs=logprobs,
+        constraint=constraint,
     )
     events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
     head = {"id": cid, "created": int(time.time()), "model": model}
@@ -318,16 +326,19 @@ def _check_n(f: Fields) -> None:
         )
 
 
-_NOT_YET = "is not supported yet (it needs constrained decoding, which this server does not have)"
-
-
-def _tool_choice(f: Fields, tools: list[dict] | None) -> str:
-    """The request's tool_choice, checked: 'none' or 'auto' (forcing a call cannot be enforced yet)."""
+def _tool_choice(f: Fields, tools: list[dict] | None) -> tuple[str, list[str] | None]:
+    """The request's tool_choice, checked: ('none' | 'auto', None), or ('required', the functions the
+    forced call may name): 'required' allows any of the tools, a named function only that one."""
     choice = f.get("tool_choice", (str, dict), "auto")
     if choice in ("none", "auto"):
-        return choice
+        return choice, None
+    names = [t["function"]["name"] for t in tools or []]
     if choice == "required":
-        raise ApiError(400, f"tool_choice 'required' {_NOT_YET}; use 'auto'", param="tool_choice")
+        if not names:
+            raise ApiError(
+                400, "tool_choice 'required' needs at least one tool in tools", param="tool_choice"
+            )
+        return "required", names
     fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise ApiError(
@@ -336,7 +347,6 @@ def _tool_choice(f: Fields, tools: list[dict] | None) -> str:
             "{'type': 'function', 'function': {'name': NAME}}",
             param="tool_choice",
         )
-    names = [t["function"]["name"] for t in tools or []]
     if fn["name"] not in names:
         raise ApiError(
             400,
@@ -344,20 +354,31 @@ def _tool_choice(f: Fields, tools: list[dict] | None) -> str:
             f"({', '.join(map(repr, names)) or 'none given'})",
             param="tool_choice",
         )
-    raise ApiError(400, f"tool_choice naming a function {_NOT_YET}; use 'auto'", param="tool_choice")
+    return "required", [fn["name"]]
 
 
-def _response_format(f: Fields) -> None:
-    """Only plain text: JSON modes need constrained decoding, and are refused rather than ignored."""
-    kind = Fields(f.get("response_format", dict, {}), "response_format").get("type", str, "text")
-    if kind in ("json_object", "json_schema"):
-        raise ApiError(400, f"response_format {kind!r} {_NOT_YET}; use 'text'", param="response_format")
-    if kind != "text":
+def response_format_grammar(value: dict, where: str = "response_format", flat: bool = False):
+    """The grammar writer for a response format (None for plain text); wrong values are 400s.
+
+    Chat Completions nests the schema (``{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}``); the Responses API's ``text.format`` is ``flat`` (``{"type": "json_schema", "name",
+    "schema", "strict"}``). The schema is enforced whatever ``strict`` says.
+    """
+    fmt = Fields(value, where)
+    kind = fmt.get("type", str, "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar
+    if kind != "json_schema":
         raise ApiError(
-            400,
-            f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-            param="response_format",
+            400, f"{where}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param=where
         )
+    spec = fmt if flat else Fields(fmt.get("json_schema", dict, required=True), f"{where}.json_schema")
+    spec.get("name", str)
+    spec.get("strict", bool)
+    schema = spec.get("schema", dict, {})
+    return lambda: json_grammar(schema)
 
 
 def _include_usage(f: Fields) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from streamer.errors import StreamerError
+from streamer.generation.constrained import Constraint
 from streamer.generation.generate import GenerationResponse, prefill, stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler
 from streamer.serve.prefix_cache import ModelState, PrefixCache, capture_state, restore_state
@@ -85,6 +86,7 @@ class Job:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
     label: str = ""
+    constraint: Constraint | None = None  # a grammar the answer must follow (JSON modes, forced tool calls)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -328,6 +330,8 @@ class GenerationWorker:
                 start = boundary
         tokenizer = _WithoutEos(engine.tokenizer) if job.ignore_eos else engine.tokenizer
         sampler = make_sampler(job.sampling, context=ids)
+        if job.constraint is not None:
+            sampler = job.constraint.wrap(sampler)
         if job.logprobs is not None:
             sampler = _LogprobSampler(sampler, job.logprobs, engine.tokenizer, self)
         generated: list[int] = []
