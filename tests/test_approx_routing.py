@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -312,3 +313,26 @@ def test_cache_bias_needs_a_streamed_model(model):
     src, _ = model
     with pytest.raises(ConfigError, match="--resident model has none"):
         load_engine(src, RuntimeConfig(cache_bias=1.0), resident=True)
+
+
+def test_serve_stats_label_the_routing(model):
+    from streamer.serve.http import ServeConfig, start_server
+    from tests.serve.helpers import raw, stats
+
+    _, packed = model
+    s = start_server(
+        lambda: load_engine(packed, RuntimeConfig(experts_per_token=2)),
+        ServeConfig(port=0, model_names=("tiny",)),
+    ).start_background()
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0}).encode()
+        status, _ = raw(s, "POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        assert status == 200
+        for _ in range(500):  # the worker records engine stats just after the answer is sent
+            if "routing" in (experts := stats(s)["experts"]):
+                break
+            time.sleep(0.01)
+        assert experts["routing"]["mode"] == "approximate"
+        assert experts["routing"]["experts_per_token"] == 2
+    finally:
+        s.close()
