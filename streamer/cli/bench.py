@@ -121,7 +121,7 @@ def _print_bench(r: dict) -> None:
         c = r["compare_exact"]
         click.echo(
             f"vs exact routing, teacher-forced on {c['text']} ({c['prompt_tokens']} prompt tokens, then "
-            "decode steps; each run from a fresh cache):"
+            "decode steps; each run by a freshly loaded engine):"
         )
         for line in describe(c):
             click.echo(f"  {line}")
