@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from streamer.cli.options import open_engine, sampling_options, with_runtime
+from streamer.generation.scheduler import DEFAULT_MAX_BATCH, PREFILL_CHUNK
 from streamer.serve.http import ServeConfig, start_server
+from streamer.serve.worker import BatchSettings
+
+# The KV + DeltaNet budget of the running requests: half of the 4 GB the default expert cache leaves free
+# (experts/budget.py), so a default cache and a full batch still fit.
+DEFAULT_STATE_GB = 2.0
 
 
 @click.command()
@@ -70,11 +76,34 @@ from streamer.serve.http import ServeConfig, start_server
     metavar="ORIGIN",
     help="Let browser pages from ORIGIN (e.g. http://localhost:3000; repeatable; * for any) call the API.",
 )
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BATCH,
+    show_default=True,
+    help="Requests decoded together: a step reads each routed expert once for all (1 = one at a time).",
+)
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=1),
+    default=PREFILL_CHUNK,
+    show_default=True,
+    help="Prompt tokens read per step while other requests decode: lower keeps their streams steadier.",
+)
+@click.option(
+    "--max-state-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_STATE_GB,
+    show_default=True,
+    help="Memory for the running requests' KV cache and DeltaNet state, each counted at its longest "
+    "(prompt + max_tokens); more requests wait, and one that cannot fit alone is refused.",
+)
 @sampling_options(" Default for requests that do not set it (else the model's recommendation).")
 @with_runtime
 def serve(
     model, host, port, api_key, model_names, any_model, think, max_tokens, context_length,
-    prefix_cache_gb, prefix_cache_entries, cors_origins, sampling_overrides, runtime, resident,
+    prefix_cache_gb, prefix_cache_entries, cors_origins, max_batch, prefill_chunk, max_state_gb,
+    sampling_overrides, runtime, resident,
 ):  # fmt: skip
     """Serve MODEL over HTTP with the OpenAI and Anthropic APIs (the demo model when omitted).
 
@@ -97,6 +126,7 @@ def serve(
         prefix_cache_bytes=int(prefix_cache_gb * 1e9),
         prefix_cache_entries=prefix_cache_entries,
         cors_origins=tuple(cors_origins),
+        batch=BatchSettings(max_batch, prefill_chunk, int(max_state_gb * 1e9)),
     )
     if not api_key and not _is_loopback(host):
         click.echo(

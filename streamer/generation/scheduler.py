@@ -178,9 +178,6 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def __len__(self) -> int:
-        return len(self.running) + len(self.waiting)
-
     # ---- one step ----------------------------------------------------------------------------------
 
     def step(self) -> None:

@@ -29,6 +29,7 @@ from streamer.generation.constrained import Vocabulary
 from streamer.generation.sampling import model_max_tokens, model_thinks_by_default
 from streamer.serve import anthropic_api as api_anthropic
 from streamer.serve import openai_api as api_openai
+from streamer.serve import responses_api as api_responses
 from streamer.serve.api import ApiContext, ApiError, EventStream, JsonResponse, ReasoningMemory, ServeSettings
 from streamer.serve.prefix_cache import PrefixCache
 from streamer.serve.worker import BatchSettings, GenerationWorker, ScriptedModel
@@ -76,6 +77,7 @@ def _routes() -> dict[tuple[str, str], Callable]:
         ("GET", "/v1/stats"): lambda app, body, ctx: JsonResponse(app.worker.stats()),
         ("POST", "/v1/chat/completions"): lambda app, body, ctx: api_openai.chat_completions(body, ctx),
         ("POST", "/v1/completions"): lambda app, body, ctx: api_openai.completions(body, ctx),
+        ("POST", "/v1/responses"): lambda app, body, ctx: api_responses.create(body, ctx),
         ("POST", "/v1/messages"): lambda app, body, ctx: api_anthropic.messages(body, ctx),
         ("POST", "/v1/messages/count_tokens"): lambda app, body, ctx: api_anthropic.count_tokens(body, ctx),
     }

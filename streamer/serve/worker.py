@@ -1,8 +1,9 @@
 """The generation thread that owns the model, and the prefix cache that lets a conversation resume.
 
 HTTP handlers never touch MLX: they submit a ``Job`` and read its ``events`` queue (``Piece`` texts,
-then one ``Finished`` or ``Failed``). Jobs run one at a time in arrival order; setting
-``job.cancelled`` stops a job between tokens (or between prefill chunks), or skips it while queued.
+then one ``Finished`` or ``Failed``). Jobs run together on one ``Scheduler`` (continuous batching: a
+job joins the running batch at the next step, its prompt read a chunk per step between the running
+decodes); setting ``job.cancelled`` stops a job at the next step, or drops it while it waits.
 
 Prefix reuse (see ``prefix_cache``): the worker snapshots the model state at the boundaries a request
 names (the end of the conversation before the new answer starts) and at the end of each answer, keyed
@@ -17,16 +18,21 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from streamer.errors import StreamerError
 from streamer.generation.constrained import Constraint
-from streamer.generation.generate import GenerationResponse, prefill, stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.generation.scheduler import (
+    DEFAULT_MAX_BATCH,
+    PREFILL_CHUNK,
+    GenSequence,
+    MemoryBudgetError,
+    Scheduler,
+)
 from streamer.serve.prefix_cache import ModelState, PrefixCache, capture_state, restore_state
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # the HTTP status it becomes: 400 for a request that can never run (too big)
 
 
 @dataclass
@@ -93,10 +100,6 @@ class Job:
 
 # The test seam: given a job, the answer text pieces a scripted "model" writes (one per token).
 ScriptedModel = Callable[[Job], Sequence[str]]
-
-
-class JobCancelled(Exception):
-    """Raised inside the worker to abandon a job whose client went away."""
 
 
 class StopMatcher:
@@ -131,19 +134,76 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class BatchSettings:
+    """How the worker batches requests (``streamer serve --max-batch / --prefill-chunk / --max-state-gb``)."""
+
+    max_batch: int = DEFAULT_MAX_BATCH  # requests decoded together
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill call, between the running decodes
+    max_state_bytes: int | None = (
+        None  # KV + DeltaNet bytes the running requests may reserve; None = no limit
+    )
+
+
+class _Active:
+    """One job while it runs: its sequence, usage, stop matcher and what it has sent."""
+
+    def __init__(self, job: Job, tokenizer=None):
+        self.job = job
+        self.usage = Usage(prompt_tokens=len(job.prompt_ids))
+        self.stopper = StopMatcher(job.stop)
+        self.matched: str | None = None
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # sampled since the last piece
+        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+        self.start = time.perf_counter()
+        self.seq: GenSequence | None = None
+        self.state: ModelState | None = None  # the last snapshot the job's cache descends from
+        self.prefilled = 0  # prompt tokens run through the model so far
+
+    def token(
+        self, token: int, text: str, reason: str | None, tps: float, logprob: TokenLogprob | None
+    ) -> bool:
+        """Sends a sampled token's text; True when a stop sequence ends the answer here."""
+        self.usage.completion_tokens += 1
+        self.usage.generation_tps = tps
+        if self.usage.completion_tokens == 1:
+            self.usage.ttft_s = time.perf_counter() - self.start
+        self.token_ids.append(token)
+        if self.job.logprobs is not None and reason != "stop":  # not the end-of-sequence id
+            self.logprobs.append(logprob or TokenLogprob(text.encode(), 0.0))
+        text, self.matched = self.stopper.feed(text)
+        if text:
+            self.job.events.put(Piece(text, self.logprobs))
+            self.logprobs = []
+        return self.matched is not None
+
+
 class GenerationWorker:
-    """Owns the engine: loads it, runs jobs one at a time from a queue, keeps the prefix cache.
+    """Owns the engine: loads it, runs the submitted jobs together on one scheduler, keeps the prefix cache.
+
+    Jobs join the running batch at the next step (up to ``batch.max_batch``; more wait in arrival order);
+    each is a ``GenSequence`` whose callbacks turn tokens into ``Piece`` events, snapshot its state at the
+    boundaries it names and at its end, and report how it finished.
 
     Args:
         load: builds the Engine; called on the worker thread so all MLX work happens there.
         prefix_cache: where state snapshots are kept.
-        scripted: a test seam; when set, jobs get its text pieces instead of the model's.
+        scripted: a test seam; when set, jobs get its text pieces instead of the model's, one at a time.
+        batch: how requests are batched.
     """
 
-    def __init__(self, load: Callable, prefix_cache: PrefixCache, scripted: ScriptedModel | None = None):
+    def __init__(
+        self,
+        load: Callable,
+        prefix_cache: PrefixCache,
+        scripted: ScriptedModel | None = None,
+        batch: BatchSettings | None = None,
+    ):
         self._load = load
         self.prefix_cache = prefix_cache
         self._scripted = scripted
+        self.batch = batch or BatchSettings()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="streamer-generation", daemon=True)
         self._ready = threading.Event()
@@ -155,10 +215,9 @@ class GenerationWorker:
         self._totals["cancelled"] = self._totals["failed"] = 0
         self._recent: deque[dict] = deque(maxlen=64)
         self._engine_stats: dict = {}
-        self._current: Job | None = None
-        self._progress: tuple[int, int] | None = None  # (prefilled, to prefill) of the current job
+        self._active: list[_Active] = []  # admitted to the scheduler or running scripted, oldest first
+        self._scheduler: Scheduler | None = None
         self.engine = None
-        self._last_logprob: TokenLogprob | None = None  # set by _LogprobSampler for each sampled token
 
     def start(self) -> None:
         """Starts the thread and waits for the engine; re-raises a load error here."""
@@ -172,9 +231,9 @@ class GenerationWorker:
         return job
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Cancels the job in progress and the queued ones, then stops the thread and closes the engine."""
-        if (current := self._current) is not None:
-            current.cancelled.set()
+        """Cancels the running and the queued jobs, then stops the thread and closes the engine."""
+        for active in list(self._active):
+            active.job.cancelled.set()
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -182,21 +241,37 @@ class GenerationWorker:
                 break
             if job is not None:
                 job.cancelled.set()
-                self._finish(job, "cancelled", None, Usage(len(job.prompt_ids)))
+                self._finish(_Active(job), "cancelled")
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def stats(self) -> dict:
-        """Totals, the last requests, queue depth, prefix-cache and expert-cache counters."""
+        """Totals, the last requests, the batch and queue, prefix-cache and expert-cache counters."""
         with self._lock:
+            active = list(self._active)
+            scheduler = self._scheduler
+            prefilling = next((a for a in active if a.seq is not None and a.seq.prefilling), None)
+            waiting = len(scheduler.waiting) if scheduler else 0
             return {
                 "totals": dict(self._totals),
                 "recent": list(self._recent),
-                "queued": self._jobs.qsize(),
-                "busy": self._current is not None,
-                "current": self._current.label if self._current else None,
-                "prefill_progress": self._progress,
+                "queued": self._jobs.qsize() + waiting,
+                "busy": bool(active),
+                "running": len(active) - waiting,
+                "current": active[0].job.label if active else None,
+                "prefill_progress": (prefilling.prefilled, prefilling.usage.prefilled_tokens)
+                if prefilling
+                else None,
+                "batch": {
+                    "max_batch": self.batch.max_batch,
+                    "prefill_chunk": self.batch.prefill_chunk,
+                    "max_state_bytes": self.batch.max_state_bytes,
+                    "reserved_state_bytes": scheduler.reserved_bytes if scheduler else 0,
+                    "decode_steps": scheduler.decode_steps if scheduler else 0,
+                    "decoded_tokens": scheduler.decoded_tokens if scheduler else 0,
+                    "largest_batch": scheduler.largest_batch if scheduler else 0,
+                },
                 "prefix_cache": self.prefix_cache.stats(),
                 "experts": dict(self._engine_stats),
             }
@@ -216,71 +291,152 @@ class GenerationWorker:
             return
         self._ready.set()
         try:
-            while (job := self._jobs.get()) is not None:
-                with self._lock:
-                    self._current, self._progress = job, None
-                try:
-                    self._serve(job)
-                finally:
-                    with self._lock:
-                        self._current = self._progress = None
+            if self._scripted:
+                while (job := self._jobs.get()) is not None:
+                    self._serve_scripted(job)
+                return
+            b = self.batch
+            self._scheduler = Scheduler(self.engine.model, b.max_batch, b.prefill_chunk, b.max_state_bytes)
+            while self._take_new_jobs():
+                self._cancel_abandoned()
+                self._scheduler.step()
+            for active in list(self._active):  # closing: the running jobs end as "cancelled"
+                active.seq.cancel()
+            self._scheduler.step()
         finally:
             if hasattr(self.engine, "close"):
                 self.engine.close()
 
-    def _serve(self, job: Job) -> None:
-        usage = Usage(prompt_tokens=len(job.prompt_ids))
+    def _take_new_jobs(self) -> bool:
+        """Admits the jobs that arrived (waiting for one when idle); False once close() was called."""
+        while True:
+            try:
+                job = self._jobs.get(block=not self._scheduler.busy)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            self._begin(job)
+
+    def _cancel_abandoned(self) -> None:
+        for active in self._active:
+            if active.job.cancelled.is_set() and active.seq is not None:
+                active.seq.cancel()
+
+    # ---- one job on the scheduler --------------------------------------------------------------------
+
+    def _begin(self, job: Job) -> None:
+        """Restores the job's best snapshot and queues its sequence on the scheduler."""
+        active = _Active(job, self.engine.tokenizer)
         if job.cancelled.is_set():
-            self._finish(job, "cancelled", None, usage)
+            self._finish(active, "cancelled")
             return
-        stopper = StopMatcher(job.stop)
-        reason, matched, token_ids = "stop", None, []
-        logprobs: list[TokenLogprob] = []  # sampled since the last piece
-        self._last_logprob = None
-        start = time.perf_counter()
+        engine, ids = self.engine, job.prompt_ids
+        cache = engine.model.make_cache()
+        if (hit := self.prefix_cache.lookup(ids)) is not None:
+            active.state = hit.state
+            restore_state(cache, active.state)
+        start = active.state.length if active.state else 0
+        active.usage.cached_tokens, active.usage.prefilled_tokens = start, len(ids) - start
+        sampler = make_sampler(job.sampling, context=ids)
+        if job.constraint is not None:
+            sampler = job.constraint.wrap(sampler)
+        if job.logprobs is not None:
+            sampler = _LogprobSampler(sampler, job.logprobs, engine.tokenizer)
+        eos = frozenset() if job.ignore_eos else frozenset(engine.tokenizer.eos_token_ids)
+        seq = GenSequence(
+            ids[start:], sampler, job.max_tokens, cache, eos,
+            boundaries=sorted({b - start for b in job.snapshot_at if start < b < len(ids)}),
+            on_token=lambda s, token, reason: self._on_token(active, token, reason),
+            on_boundary=lambda s, n: self._on_boundary(active, n),
+            on_prefill=lambda s, done, total: setattr(active, "prefilled", done),
+            on_finish=lambda s: self._on_finish(active),
+            label=job.label,
+        )  # fmt: skip
+        active.seq = seq
         try:
-            stream = self._scripted_stream(job, usage) if self._scripted else self._model_stream(job, usage)
-            with closing(stream):
-                for r in stream:
-                    if job.cancelled.is_set():
-                        reason = "cancelled"
-                        break
-                    if r.generation_tokens == 1:
-                        usage.ttft_s = time.perf_counter() - start
-                    usage.completion_tokens, usage.generation_tps = r.generation_tokens, r.generation_tps
-                    token_ids.append(r.token)
-                    if job.logprobs is not None and r.finish_reason != "stop":  # not the end-of-sequence id
-                        logprobs.append(self._last_logprob or TokenLogprob(r.text.encode(), 0.0))
-                    text, matched = stopper.feed(r.text)
-                    if text:
-                        job.events.put(Piece(text, logprobs))
-                        logprobs = []
-                    if matched is not None:
-                        break
-                    if r.finish_reason:
-                        reason = r.finish_reason
-                        break
-        except JobCancelled:
-            reason = "cancelled"
-        except StreamerError as e:  # e.g. an expert read failed: this request fails, the server goes on
-            log.error("generation failed for %s: %s", job.label or "a request", e)
-            self._fail(job, f"generation failed: {e}", usage)
+            self._scheduler.add(seq)
+        except MemoryBudgetError as e:
+            self._fail(active, f"{e} (streamer serve --max-state-gb)", status=400)
             return
+        with self._lock:
+            self._active.append(active)
+
+    def _on_token(self, active: _Active, token: int, reason: str | None) -> None:
+        text = "" if reason == "stop" else active.detok.add(token)
+        if reason:
+            text += active.detok.finalize()
+        logprob = active.seq.sampler.last if isinstance(active.seq.sampler, _LogprobSampler) else None
+        if active.token(token, text, reason, active.seq.generation_tps(), logprob):
+            active.seq.stop("stop")
+
+    def _on_boundary(self, active: _Active, n: int) -> None:
+        ids = active.job.prompt_ids[: active.usage.cached_tokens + n]
+        active.state = self._remember(ids, active.seq.cache, active.state, priority=1)
+
+    def _on_finish(self, active: _Active) -> None:
+        with self._lock:
+            if active in self._active:
+                self._active.remove(active)
+        seq = active.seq
+        if seq.finish_reason == "error":
+            e = seq.error
+            if isinstance(e, StreamerError):  # e.g. an expert read failed: this request fails, the rest go on
+                log.error("generation failed for %s: %s", active.job.label or "a request", e)
+                self._fail(active, f"generation failed: {e}")
+            else:
+                log.error(
+                    "generation failed for %s",
+                    active.job.label or "a request",
+                    exc_info=(type(e), e, e.__traceback__),
+                )
+                self._fail(active, f"generation failed: {type(e).__name__}: {e}")
+            return
+        if not seq.prefilling and seq.tokens:
+            # The last sampled token was never fed: the cache holds the prompt and the tokens before it.
+            self._remember([*active.job.prompt_ids, *seq.tokens[:-1]], seq.cache, active.state, priority=0)
+        reason = "stop" if active.matched is not None else seq.finish_reason
+        self._finish(active, reason)
+
+    # ---- the scripted test seam ----------------------------------------------------------------------
+
+    def _serve_scripted(self, job: Job) -> None:
+        active = _Active(job)
+        with self._lock:
+            self._active.append(active)
+        try:
+            active.usage.prefilled_tokens = len(job.prompt_ids)
+            pieces = list(self._scripted(job))[: job.max_tokens]
+            reason = "stop"
+            for n, text in enumerate(pieces, 1):
+                if job.cancelled.is_set():
+                    reason = "cancelled"
+                    break
+                last = n == len(pieces)
+                end = ("length" if n == job.max_tokens else "stop") if last else None
+                if active.token(-1, text, end, 0.0, None):
+                    break
+                reason = end or reason
         except Exception as e:
             log.exception("generation failed for %s", job.label or "a request")
-            self._fail(job, f"generation failed: {type(e).__name__}: {e}", usage)
+            self._fail(active, f"generation failed: {type(e).__name__}: {e}")
             return
-        if matched is None and (rest := stopper.flush()):
-            job.events.put(Piece(rest, logprobs))
-        self._finish(job, reason, matched, usage, token_ids)
+        finally:
+            with self._lock:
+                self._active.remove(active)
+        self._finish(active, "stop" if active.matched is not None else reason)
 
-    def _fail(self, job: Job, message: str, usage: Usage) -> None:
-        job.events.put(Failed(message))
-        self._record(job, "error", usage)
+    # ---- endings and records -------------------------------------------------------------------------
 
-    def _finish(self, job: Job, reason: str, matched: str | None, usage: Usage, token_ids=()) -> None:
-        job.events.put(Finished(reason, matched, usage, list(token_ids)))
-        self._record(job, reason, usage)
+    def _fail(self, active: _Active, message: str, status: int = 500) -> None:
+        active.job.events.put(Failed(message, status))
+        self._record(active.job, "error", active.usage)
+
+    def _finish(self, active: _Active, reason: str) -> None:
+        if active.matched is None and (rest := active.stopper.flush()):
+            active.job.events.put(Piece(rest, active.logprobs))
+        active.job.events.put(Finished(reason, active.matched, active.usage, list(active.token_ids)))
+        self._record(active.job, reason, active.usage)
 
     def _record(self, job: Job, reason: str, usage: Usage) -> None:
         record = {
@@ -303,52 +459,6 @@ class GenerationWorker:
                 self._totals[key] += record[key]
             self._engine_stats = engine_stats
 
-    def _model_stream(self, job: Job, usage: Usage) -> Iterator[GenerationResponse]:
-        """Restores the best snapshot, prefills to each boundary (snapshotting), then generates."""
-        engine, ids = self.engine, job.prompt_ids
-        cache = engine.model.make_cache()
-        state = None  # the last snapshot this job's cache descends from (its KV segments are shared)
-        if (hit := self.prefix_cache.lookup(ids)) is not None:
-            state = hit.state
-            restore_state(cache, state)
-        start = state.length if state else 0
-        usage.cached_tokens, usage.prefilled_tokens = start, len(ids) - start
-
-        prefilled = 0
-
-        def check(done: int, total: int) -> None:
-            # Called after every prefill chunk: a long prefill shows progress and stops on cancel.
-            self._progress = (prefilled + done, len(ids) - usage.cached_tokens)
-            if job.cancelled.is_set():
-                raise JobCancelled
-
-        for boundary in sorted(set(job.snapshot_at)):
-            if start < boundary < len(ids):
-                prefill(engine.model, ids[start:boundary], cache, progress=check)
-                state = self._remember(ids[:boundary], cache, state, priority=1)
-                prefilled += boundary - start
-                start = boundary
-        tokenizer = _WithoutEos(engine.tokenizer) if job.ignore_eos else engine.tokenizer
-        sampler = make_sampler(job.sampling, context=ids)
-        if job.constraint is not None:
-            sampler = job.constraint.wrap(sampler)
-        if job.logprobs is not None:
-            sampler = _LogprobSampler(sampler, job.logprobs, engine.tokenizer, self)
-        generated: list[int] = []
-        tokens = stream_generate(
-            engine.model, tokenizer, ids[start:], sampler, job.max_tokens, cache=cache, prefill_progress=check
-        )
-        try:
-            for r in tokens:
-                generated.append(r.token)
-                yield r
-        except GeneratorExit:
-            tokens.close()
-            # The last sampled token was never fed: the cache holds the prompt and the tokens before it.
-            self._remember([*ids, *generated[:-1]], cache, state, priority=0)
-            raise
-        self._remember([*ids, *generated[:-1]], cache, state, priority=0)
-
     def _remember(
         self, ids: list[int], cache: list, base: ModelState | None, priority: int
     ) -> ModelState | None:
@@ -359,21 +469,14 @@ class GenerationWorker:
         stored = self.prefix_cache.store(ids, state, own_bytes, state.segments, priority)
         return state if stored else base
 
-    def _scripted_stream(self, job: Job, usage: Usage) -> Iterator[GenerationResponse]:
-        usage.prefilled_tokens = len(job.prompt_ids)
-        pieces = list(self._scripted(job))[: job.max_tokens]
-        for n, text in enumerate(pieces, 1):
-            last = n == len(pieces)
-            reason = ("length" if n == job.max_tokens else "stop") if last else None
-            yield GenerationResponse(-1, text, len(job.prompt_ids), 0.0, n, 0.0, reason)
-
 
 class _LogprobSampler:
-    """Wraps a sampler: also leaves the sampled token's log-probability and the ``top`` most likely
-    tokens on ``sink._last_logprob`` (one log-softmax and one partial sort over the vocabulary per token)."""
+    """Wraps a sampler: also keeps the sampled token's log-probability and the ``top`` most likely tokens
+    on ``last`` (one log-softmax and one partial sort over the vocabulary per token)."""
 
-    def __init__(self, sampler, top: int, tokenizer, sink):
-        self.sampler, self.top, self.tokenizer, self.sink = sampler, top, tokenizer, sink
+    def __init__(self, sampler, top: int, tokenizer):
+        self.sampler, self.top, self.tokenizer = sampler, top, tokenizer
+        self.last: TokenLogprob | None = None
 
     def __call__(self, logits: mx.array) -> int:
         token = self.sampler(logits)
@@ -389,20 +492,8 @@ class _LogprobSampler:
         else:
             top = []
         chosen = logprobs[token].item()
-        self.sink._last_logprob = TokenLogprob(self.tokenizer.token_bytes(token), chosen, top)
+        self.last = TokenLogprob(self.tokenizer.token_bytes(token), chosen, top)
         return token
-
-
-class _WithoutEos:
-    """The tokenizer as stream_generate sees it, with no end-of-sequence ids (``ignore_eos``)."""
-
-    eos_token_ids = frozenset()
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def detokenizer(self, *args, **kwargs):
-        return self._tokenizer.detokenizer(*args, **kwargs)
 
 
 def release_mlx_thread_state() -> None:

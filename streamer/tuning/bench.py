@@ -20,9 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import mlx.core as mx
-
-from streamer.generation.generate import PREFILL_CHUNK, prefill
+from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.generation.scheduler import PREFILL_CHUNK, GenSequence, Scheduler
 from streamer.loader import Engine
 from streamer.storage.packed import open_packed
 
@@ -77,35 +76,58 @@ def run_bench(
     decode_tokens: int,
     on_route: Callable | None = None,
     chunk: int = PREFILL_CHUNK,
+    concurrency: int = 1,
 ) -> dict:
-    """Prefills ``prompt``, decodes ``decode_tokens`` greedily; returns prompt and decode PhaseStats as JSON.
+    """Prefills ``concurrency`` streams, decodes ``decode_tokens`` each greedily; returns the phases as JSON.
 
-    ``on_route(layer, ids [tokens, K])`` sees every routing decision (e.g. a trace writer).
+    The streams run together on the scheduler, as ``serve`` runs concurrent requests: stream i reads
+    ``prompt`` rotated by i positions (the same length, different routing). The prompt phase ends when
+    every stream has its first token; the decode phase is the ``decode_tokens - 1`` batched steps after
+    it, so its tokens are ``concurrency × (decode_tokens - 1)``. ``on_route(layer, ids [tokens, K])``
+    sees every routing decision (e.g. a trace writer).
     """
     if not prompt or decode_tokens < 1:
         raise ValueError("a bench needs a prompt and at least one decode token")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     runtime = engine.runtime
     if runtime is not None:
         runtime.on_route = on_route
-    model, cache = engine.model, engine.model.make_cache()
+    model = engine.model
+    scheduler = Scheduler(model, max_batch=concurrency, prefill_chunk=chunk)
+    streams = [
+        # EOS does not stop a stream: the point is speed. max_tokens is never reached: the run stops them.
+        GenSequence(
+            prompt[i:] + prompt[:i], make_sampler(SamplingParams()), 1 << 30, model.make_cache()
+        )
+        for i in range(concurrency)
+    ]
     try:
         start, before = time.perf_counter(), engine.stats()
-        logits = prefill(model, prompt, cache, chunk=chunk)
-        token = int(mx.argmax(logits).item())
+        for seq in streams:
+            scheduler.add(seq)
+        while any(not seq.tokens for seq in streams):
+            scheduler.step()
+            _raise_failure(streams)
         mid, middle = time.perf_counter(), engine.stats()
-        for _ in range(decode_tokens - 1):
-            logits = model(mx.array([[token]]), cache=cache)[0, -1]
-            token = int(mx.argmax(logits).item())
+        steps_before, tokens_before = scheduler.decode_steps, sum(len(seq.tokens) for seq in streams)
+        while scheduler.decode_steps - steps_before < decode_tokens - 1:
+            scheduler.step()
+            _raise_failure(streams)
         end, after = time.perf_counter(), engine.stats()
+        decoded = sum(len(seq.tokens) for seq in streams) - tokens_before
     finally:
+        for seq in streams:
+            seq.cancel()
+        scheduler.step()  # the cancelled streams leave
         if runtime is not None:
             runtime.on_route = None
-    # The first token comes out of the prefill; decode time covers the N - 1 steps after it.
-    prompt_phase = _phase(len(prompt), mid - start, before, middle)
-    decode_phase = _phase(decode_tokens - 1, end - mid, middle, after)
+    prompt_phase = _phase(len(prompt) * concurrency, mid - start, before, middle)
+    decode_phase = _phase(decoded, end - mid, middle, after)
     return {
         "model": str(engine.path),
         "streamed": runtime is not None,
+        "concurrency": concurrency,
         "cache_bytes": after.get("cache_bytes"),
         "expert_bytes": runtime.packed.manifest.expert_bytes if runtime else None,
         "prompt": prompt_phase.to_json(),
@@ -114,6 +136,12 @@ def run_bench(
         * (decode_phase.seconds - decode_phase.stall_s)
         / max(decode_phase.tokens, 1),
     }
+
+
+def _raise_failure(streams: list[GenSequence]) -> None:
+    for seq in streams:
+        if seq.error is not None:
+            raise seq.error
 
 
 def _phase(tokens: int, seconds: float, before: dict, after: dict) -> PhaseStats:

@@ -214,7 +214,8 @@ WORDS = "fox river stone apple cloud seven quantum purple engine basket violin t
 
 
 def test_twenty_concurrent_clients(server):
-    """Twenty clients at once, half per API: all answered, each exactly as it is answered alone."""
+    """Twenty clients at once, half per API, decoded in batches: all answered, each exactly as it is
+    answered alone."""
     before = stats(server)["totals"]["requests"]
     answers, errors = {}, []
 
@@ -249,6 +250,7 @@ def test_twenty_concurrent_clients(server):
     # A request's record is written just after its answer is sent: wait (bounded) for the last ones.
     _poll(lambda: stats(server)["totals"]["requests"] - before >= 20, "all 20 requests to be recorded")
     assert stats(server)["totals"]["requests"] - before == 20
+    assert stats(server)["batch"]["largest_batch"] >= 2  # they really were decoded together
     alone = {i: ask(i) for i in range(20)}
     assert answers == alone
     # The tiny random model answers most prompts alike; three distinct answers make a mix-up visible.
