@@ -87,9 +87,14 @@ def test_openai_tool_choice_values(scripted):
     )
     assert "get_weather" not in scripted.script.prompts[-1]  # "none": the tools are not shown
     named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):  # enforced by constrained decoding (tests/serve/test_constrained.py)
+        status, body = _post(
+            scripted,
+            "/v1/chat/completions",
+            {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": choice},
+        )
+        assert status == 200, (choice, body)
     for choice, words in [
-        ("required", "tool_choice 'required' is not supported yet"),
-        (named, "naming a function is not supported yet"),
         ({"type": "function", "function": {"name": "nope"}}, "not among the tools ('get_weather')"),
         ("sometimes", "tool_choice must be"),
         ({"type": "function"}, "tool_choice must be"),
@@ -103,9 +108,9 @@ def test_openai_tool_choice_values(scripted):
         )
         assert status == 400 and words in body["error"]["message"], (choice, body)
         assert body["error"]["param"] == "tool_choice" and body["error"]["type"] == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError, match="use 'auto'"):
+    with pytest.raises(openai.BadRequestError, match="tool_choice must be"):
         client.chat.completions.create(
-            model="tiny", messages=USER, tools=[WEATHER_TOOL], tool_choice="required"
+            model="tiny", messages=USER, tools=[WEATHER_TOOL], tool_choice="sometimes"
         )
 
 
@@ -124,9 +129,14 @@ def test_anthropic_tool_choice_values(scripted):
         )
         assert m.content[-1].text == "plain"
         assert ("get_weather" in scripted.script.prompts[-1]) == (choice["type"] == "auto")
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):  # enforced (test_constrained)
+        status, body = _post(
+            scripted,
+            "/v1/messages",
+            {"max_tokens": 5, "messages": USER, "tools": [tool], "tool_choice": choice},
+        )
+        assert status == 200, (choice, body)
     for choice, words in [
-        ({"type": "any"}, "tool_choice type 'any' is not supported yet"),
-        ({"type": "tool", "name": "get_weather"}, "tool_choice type 'tool' is not supported yet"),
         ({"type": "tool", "name": "other"}, "needs the name of one of the tools ('get_weather')"),
         ({"type": "tool"}, "needs the name"),
         ({"type": "whatever"}, "tool_choice.type must be"),
@@ -140,9 +150,9 @@ def test_anthropic_tool_choice_values(scripted):
         )
         assert status == 400 and words in body["error"]["message"], (choice, body)
         assert body["error"]["type"] == "invalid_request_error"
-    with pytest.raises(anthropic.BadRequestError, match="use 'auto'"):
+    with pytest.raises(anthropic.BadRequestError, match="tool_choice.type must be"):
         client.messages.create(
-            model="tiny", max_tokens=5, messages=USER, tools=[tool], tool_choice={"type": "any"}
+            model="tiny", max_tokens=5, messages=USER, tools=[tool], tool_choice={"type": "whatever"}
         )
     # Counting tokens runs nothing: a forced choice is fine there (an invalid one is not).
     count = client.messages.count_tokens(
@@ -163,9 +173,12 @@ def test_response_format(scripted):
         "type": "json_schema",
         "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True},
     }
+    for fmt in ({"type": "json_object"}, schema):  # enforced (tests/serve/test_constrained.py)
+        status, body = _post(
+            scripted, "/v1/chat/completions", {"messages": USER, "response_format": fmt, **OFF}
+        )
+        assert status == 200, (fmt, body)
     for fmt, words in [
-        ({"type": "json_object"}, "response_format 'json_object' is not supported yet"),
-        (schema, "response_format 'json_schema' is not supported yet"),
         ({"type": "yaml"}, "response_format.type must be"),
         ({}, None),
         ("json", "response_format must be an object"),
