@@ -57,6 +57,22 @@ def test_bench_json_reports_both_phases(packed):
     assert 0 < out["cache_bytes"] < out["expert_bytes"]
 
 
+def test_bench_concurrency_decodes_the_streams_together(packed, tmp_path):
+    trace = tmp_path / "route.jsonl"
+    args = ("bench", packed, "--prompt-tokens", 12, "-n", 5, "--cache-experts", 24, "--no-disk-test")
+    out = _json(_run(*args, "--concurrency", 3, "--trace", trace, "--json"))
+    assert out["concurrency"] == 3
+    assert (out["prompt"]["tokens"], out["decode"]["tokens"]) == (36, 3 * 4)
+    # The decode phase's 4 steps each route the 3 streams' tokens together: one record of 3 rows per
+    # layer and step (the prefill records have 12 rows, the earlier lone decodes fewer).
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    rows = [len(r["experts"]) for r in records if "experts" in r]
+    layers = len(json.loads((packed / "manifest.json").read_text())["layers"])
+    assert rows.count(3) >= 4 * layers
+    text = _run(*args, "--concurrency", 2).output
+    assert "2 streams together, aggregate" in text and "expert bytes read per generated token" in text
+
+
 def test_bench_text_output_and_all_cached(packed, tmp_path):
     text = _run("bench", packed, "--prompt-tokens", 8, "-n", 3, "--cache-gb", 1, "--no-disk-test").output
     assert "prompt: 8 tokens at" in text and "decode: 2 tokens at" in text and "hit rate" in text

@@ -15,6 +15,14 @@ from streamer.errors import ConfigError
 @click.argument("model", required=False)
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--decode-tokens", "-n", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Streams decoded together, as `serve` batches concurrent requests (each prompt a rotation of the "
+    "same text); decode tok/s is then the aggregate over the streams.",
+)
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write routing as JSON lines.")
 @click.option(
     "--disk-test/--no-disk-test",
@@ -45,8 +53,8 @@ from streamer.errors import ConfigError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @with_runtime
 def bench(
-    model, prompt_tokens, decode_tokens, trace, disk_test, compare_exact, compare_tokens, compare_text,
-    as_json, runtime, resident,
+    model, prompt_tokens, decode_tokens, concurrency, trace, disk_test, compare_exact, compare_tokens,
+    compare_text, as_json, runtime, resident,
 ):  # fmt: skip
     """Measure prompt and decode speed of MODEL (the demo when omitted) with the given cache flags.
 
@@ -72,7 +80,8 @@ def bench(
             )
         tracer = RouteTrace(trace) if trace else None
         try:
-            result = run_bench(engine, bench_prompt(engine, prompt_tokens), decode_tokens, on_route=tracer)
+            prompt = bench_prompt(engine, prompt_tokens)
+            result = run_bench(engine, prompt, decode_tokens, on_route=tracer, concurrency=concurrency)
         finally:
             if tracer:
                 tracer.close()
@@ -130,10 +139,14 @@ def _print_bench(r: dict) -> None:
 def _print_speed(r: dict) -> None:
     p, d = r["prompt"], r["decode"]
     click.echo(f"prompt: {p['tokens']} tokens at {p['tps']:.1f} tok/s")
+    streams = r.get("concurrency", 1)
+    together = f" ({streams} streams together, aggregate)" if streams > 1 else ""
     click.echo(
-        f"decode: {d['tokens']} tokens at {d['tps']:.2f} tok/s "
+        f"decode: {d['tokens']} tokens at {d['tps']:.2f} tok/s{together} "
         f"({r['compute_ms_per_token']:.1f} ms/token not stalled on I/O)"
     )
+    if r["streamed"] and d["tokens"]:
+        click.echo(f"  expert bytes read per generated token: {_size(d['bytes_read'] / d['tokens'])}")
     if not r["streamed"]:
         click.echo("resident: every expert in memory (no cache statistics)")
         return
