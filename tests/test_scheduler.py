@@ -175,6 +175,41 @@ def test_a_sequence_resumed_from_a_snapshot_joins_a_batch(engine, solo):
     assert [s.tokens for s in others] == solo[:2]
 
 
+class _CountingModel:
+    """The real model; counts calls and the tokens each call runs."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, tokens, cache=None, **kwargs):
+        self.calls.append(tokens.shape)
+        return self.model(tokens, cache=cache, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_a_burst_of_prompts_is_prefilled_in_one_call_and_stays_exact(engine, solo):
+    counting = _CountingModel(engine.model)
+    scheduler = Scheduler(counting, max_batch=4, prefill_chunk=64)
+    seqs = [_seq(engine, p) for p in PROMPTS]
+    _run(scheduler, {0: seqs})
+    assert counting.calls[0] == (1, sum(map(len, PROMPTS)))  # every prompt end to end in one row
+    assert counting.calls[1] == (4, 1)  # then they all decode together
+    assert [s.tokens for s in seqs] == solo
+
+
+def test_prefill_budget_keeps_each_prompt_cut_as_alone(engine, solo):
+    """Pieces never exceed the budget in all, and each prompt is cut at its own chunk boundaries."""
+    counting = _CountingModel(engine.model)
+    scheduler = Scheduler(counting, max_batch=4, prefill_chunk=8)
+    seqs = [_seq(engine, p) for p in PROMPTS]
+    _run(scheduler, {0: seqs})
+    prefill_calls = [shape[1] for shape in counting.calls if shape[0] == 1 and shape[1] > 1]
+    assert max(prefill_calls) <= 8
+    assert [s.tokens for s in seqs] == solo
+
+
 def test_prefill_chunks_interleave_with_running_decodes(engine):
     """While a long prompt is read chunk by chunk, a running sequence still gets one token per step."""
     scheduler = Scheduler(engine.model, max_batch=2, prefill_chunk=4)

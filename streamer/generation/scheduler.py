@@ -6,15 +6,18 @@ when they finish, are stopped by their consumer or are cancelled. One ``step()``
 
 1. admits waiting sequences while the batch has room (``max_batch``) and their state fits the memory
    budget (``max_state_bytes``: each sequence reserves its KV cache at its longest and its DeltaNet state);
-2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the oldest sequence still reading its
-   prompt, so a long prompt delays the running streams by one chunk per step, not by all of it;
+2. runs the next prefill pieces of the sequences still reading their prompts, at most ``prefill_chunk``
+   tokens in all (the oldest first; several short prompts go end to end in one model call, see
+   ``models.layer_cache.RaggedBatch``), so a long prompt delays the running streams by one chunk per
+   step, not by all of it, and a burst of short requests is read in one call;
 3. runs one decode step of every sequence that has a sampled token to feed, as one model call on
    [B, 1] tokens: the resident weights are read once for B tokens and each layer's expert step acquires
    the union of the batch's routed experts once. Attention runs row by row over each sequence's own
    KV cache, so each row computes exactly what it would alone (see ``models.layer_cache.KVBatch``).
 
-A sequence's prefill always runs alone (its own model calls), and a batch of one decodes with the plain
-per-sequence caches: the path of a single request is the same code it always was.
+A prompt is always cut into the same pieces, alone or in company, each piece's attention and DeltaNet
+run over that sequence's own state, and a batch of one runs with the plain per-sequence caches: the path
+of a single request is the same code it always was.
 
 Consumers hear about a sequence through callbacks, all called on the thread that calls ``step()``:
 ``on_token`` for each sampled token, ``on_boundary`` when the cache holds a requested prompt prefix
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from streamer.generation.sampling import Sampler
-from streamer.models.layer_cache import batch_caches
+from streamer.models.layer_cache import batch_caches, ragged_caches
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +188,9 @@ class Scheduler:
         self.steps += 1
         self._drop_stopped()
         self._admit()
-        prefilling = next((s for s in self.running if s.prefilling), None)
-        if prefilling is not None:
-            self._guarded([prefilling], self._prefill_chunk, prefilling)
+        group = self._prefill_group()
+        if group:
+            self._guarded(group, self._prefill, group)
         ready = [s for s in self.running if not s.prefilling and not s.done and s._stop_reason is None]
         fresh = [s for s in ready if s._logits is not None]  # prefill just ended: first token from its logits
         for seq in fresh:
@@ -249,19 +252,45 @@ class Scheduler:
 
     # ---- the model calls ---------------------------------------------------------------------------
 
-    def _prefill_chunk(self, seq: GenSequence) -> None:
+    def _piece_end(self, seq: GenSequence) -> int:
+        """Where the sequence's next prefill piece ends: a chunk on, or its next boundary, or its prompt's
+        end. It depends on the sequence alone, so a prompt is split the same way alone or in company."""
         end = min(len(seq.prompt), seq.fed + self.prefill_chunk)
-        end = min([b for b in seq.boundaries if seq.fed < b < end] + [end])
-        piece = mx.array(seq.prompt[seq.fed : end])[None]
-        logits = self.model(piece, cache=seq.cache, last_only=True)[0, -1, :]
-        mx.eval(logits, [c.state for c in seq.cache])
-        seq.fed = end
-        if seq.on_prefill:
-            seq.on_prefill(seq, seq.fed, len(seq.prompt))
-        if seq.on_boundary and end in seq.boundaries:
-            seq.on_boundary(seq, end)
-        if not seq.prefilling:
-            seq._logits = logits
+        return min([b for b in seq.boundaries if seq.fed < b < end] + [end])
+
+    def _prefill_group(self) -> list[GenSequence]:
+        """The prefilling sequences whose next pieces run this step: the oldest, then the next ones in
+        admission order while the pieces total at most ``prefill_chunk`` tokens."""
+        group, total = [], 0
+        for seq in self.running:
+            if not seq.prefilling or seq.done or seq._stop_reason is not None:
+                continue
+            n = self._piece_end(seq) - seq.fed
+            if group and total + n > self.prefill_chunk:
+                break
+            group.append(seq)
+            total += n
+        return group
+
+    def _prefill(self, group: list[GenSequence]) -> None:
+        """One model call over the group's next pieces (end to end when several: ``ragged_caches``)."""
+        ends = [self._piece_end(seq) for seq in group]
+        pieces = [seq.prompt[seq.fed : end] for seq, end in zip(group, ends, strict=True)]
+        if len(group) == 1:
+            cache = group[0].cache
+        else:
+            cache = ragged_caches([seq.cache for seq in group], [len(p) for p in pieces])
+        tokens = mx.array([t for piece in pieces for t in piece])[None]
+        logits = self.model(tokens, cache=cache, last_only=True)[0]  # [G, V]: each piece's last position
+        mx.eval(logits, [c.state for seq in group for c in seq.cache])
+        for i, (seq, end) in enumerate(zip(group, ends, strict=True)):
+            seq.fed = end
+            if seq.on_prefill:
+                seq.on_prefill(seq, seq.fed, len(seq.prompt))
+            if seq.on_boundary and end in seq.boundaries:
+                seq.on_boundary(seq, end)
+            if not seq.prefilling:
+                seq._logits = logits[i]
 
     def _sample_first(self, seq: GenSequence) -> None:
         logits, seq._logits = seq._logits, None

@@ -151,6 +151,44 @@ class DeltaNetBatch:
             )
 
 
+class RaggedBatch:
+    """One layer's caches of several sequences whose new tokens lie end to end along one row ([1, T]).
+
+    Member i owns the next ``lengths[i]`` positions. A mixer (attention, DeltaNet) runs on each member's
+    span alone, with that member's cache, exactly as the sequence alone would; every token-wise operation
+    (norms, projections, the MoE block) runs on all T positions at once. This is how several prompts are
+    prefilled in one model call.
+    """
+
+    def __init__(self, members: list[LayerCache], lengths: list[int]):
+        if len(members) != len(lengths) or min(lengths, default=0) < 1:
+            raise ValueError("a ragged batch needs one length >= 1 per member")
+        self.members, self.lengths = members, lengths
+
+    @property
+    def last_positions(self) -> mx.array:
+        """The position of each member's last token in the row."""
+        ends, total = [], 0
+        for n in self.lengths:
+            total += n
+            ends.append(total - 1)
+        return mx.array(ends)
+
+    def map(self, mixer, x: mx.array) -> mx.array:
+        """``mixer(span, member_cache)`` on each member's span of ``x`` [1, T, ...], joined back along T."""
+        cuts, total = [], 0
+        for n in self.lengths[:-1]:
+            total += n
+            cuts.append(total)
+        spans = mx.split(x, cuts, axis=1)
+        return mx.concatenate([mixer(span, m) for span, m in zip(spans, self.members, strict=True)], axis=1)
+
+
+def ragged_caches(caches: list[list[LayerCache]], lengths: list[int]) -> list[RaggedBatch]:
+    """Per-sequence layer caches -> per-layer ragged batches, for one call over their prompts end to end."""
+    return [RaggedBatch(list(members), lengths) for members in zip(*caches, strict=True)]
+
+
 def _stacked(states: list[mx.array | None]) -> mx.array | None:
     if all(s is None for s in states):
         return None

@@ -19,7 +19,14 @@ import mlx.nn as nn
 from streamer.errors import ConfigError
 from streamer.models import gated_delta
 from streamer.models.args import ModelArgs
-from streamer.models.layer_cache import DeltaNetBatch, DeltaNetCache, KVBatch, KVCache, LayerCache
+from streamer.models.layer_cache import (
+    DeltaNetBatch,
+    DeltaNetCache,
+    KVBatch,
+    KVCache,
+    LayerCache,
+    RaggedBatch,
+)
 from streamer.models.layers import RMSNormGated
 from streamer.models.moe_block import SparseMoeBlock
 
@@ -54,7 +61,11 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNormGated(self.head_v_dim, eps=args.rms_norm_eps)
         self.out_proj = nn.Linear(args.linear_value_dim, H, bias=False)
 
-    def __call__(self, x: mx.array, cache: DeltaNetCache | DeltaNetBatch | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: DeltaNetCache | DeltaNetBatch | RaggedBatch | None = None
+    ) -> mx.array:
+        if isinstance(cache, RaggedBatch):  # several prompts end to end: each span with its own state
+            return cache.map(self, x)
         B, L, _ = x.shape
         qkv = self.in_proj_qkv(x)
         z = self.in_proj_z(x).reshape(B, L, self.num_v_heads, self.head_v_dim)
@@ -103,7 +114,9 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = nn.RoPE(args.rotary_dim, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, cache: KVCache | KVBatch | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | KVBatch | RaggedBatch | None = None) -> mx.array:
+        if isinstance(cache, RaggedBatch):  # several prompts end to end: each span over its own cache
+            return cache.map(self, x)
         B, L, _ = x.shape
         queries, gate = mx.split(self.q_proj(x).reshape(B, L, self.num_heads, -1), 2, axis=-1)
         keys = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1)
@@ -213,14 +226,19 @@ class Model(nn.Module):
     def __call__(
         self, tokens: mx.array, cache: list[LayerCache] | None = None, last_only: bool = False
     ) -> mx.array:
-        """Logits [B, L, V], or [B, 1, V] for the last position only with ``last_only`` (prefill)."""
+        """Logits [B, L, V], or [B, 1, V] for the last position only with ``last_only`` (prefill).
+
+        ``cache`` is per-layer: each sequence's own caches (``make_cache()``), ``batch_caches`` for B
+        sequences decoding one token each, or ``ragged_caches`` for G prompts end to end in one row
+        (tokens [1, T]); with ``last_only`` the latter gives [1, G, V], each prompt's last position."""
         text = self.language_model.model
         h = text.embed_tokens(tokens).astype(self.dtype)  # [B, L, H]
         caches = cache if cache is not None else [None] * len(self.layers)
         for layer, c in zip(self.layers, caches, strict=True):
             h = layer(h, c)
-        if last_only:
-            h = h[:, -1:, :]  # the output head on one row instead of L (V can be 248k)
+        if last_only:  # the output head on one position instead of L (V can be 248k)
+            ragged = caches[0] if isinstance(caches[0], RaggedBatch) else None
+            h = h[:, ragged.last_positions, :] if ragged else h[:, -1:, :]
         h = text.norm(h)
         if self.args.tie_word_embeddings:
             return text.embed_tokens.as_linear(h)
