@@ -39,18 +39,26 @@ from streamer.errors import ConfigError
     default=None,
     help="Profile at most this many tokens of all texts together.",
 )
+@click.option(
+    "--reap",
+    is_flag=True,
+    help="Also measure each expert's REAP saliency (gate weight x expert output norm), for `streamer prune`.",
+)
 @with_runtime
-def profile(model, texts, traces, out, max_tokens, runtime, resident):
+def profile(model, texts, traces, out, max_tokens, reap, runtime, resident):
     """Count how often MODEL (the demo when omitted) routes to each expert, for `--preload hot`.
 
-    Runs the model over each --text (teacher-forced, in contexts of 2048 tokens; not resumable: an
-    interrupted run writes nothing), or counts recorded --trace files without running it, and writes
-    the counts next to the packed model (format: formats/PROFILE.md).
+    Runs the model over each --text (teacher-forced, in contexts of 2048 tokens; after each file the
+    profile so far is kept in PROFILE.progress, so the same command after an interruption goes on from
+    the last whole file), or counts recorded --trace files without running it, and writes the counts
+    next to the packed model (format: formats/PROFILE.md). --reap also measures REAP saliency, which
+    `streamer prune --by reap` uses.
 
     \b
     Examples:
       streamer profile mlx-community/Qwen3.5-35B-A3B-4bit --text notes.md --text code.py
       streamer profile ./packed --trace route.jsonl
+      streamer profile ./packed --text notes.md --reap && streamer prune ./packed ./pruned --ratio 0.25
       streamer chat ./packed --preload hot
     """
     from streamer.loader import read_config
@@ -68,6 +76,8 @@ def profile(model, texts, traces, out, max_tokens, runtime, resident):
         raise ConfigError("profile needs a packed model (a --resident run has no expert routing to count)")
     if traces and max_tokens is not None:
         raise ConfigError("--max-tokens applies to --text; a trace is counted whole")
+    if traces and reap:
+        raise ConfigError("--reap needs --text: a trace records routing, not the experts' outputs")
     if runtime.preload != "none":
         raise ConfigError("--preload does not apply to profile (it counts routing, not cache hits)")
     path = resolve_model(model)
@@ -76,8 +86,19 @@ def profile(model, texts, traces, out, max_tokens, runtime, resident):
         for t in texts:  # a missing file is an error before the model loads
             if not t.is_file():
                 raise ConfigError(f"--text {t}: no such file")
+        partial = dst.with_name(dst.name + ".progress")
+        resume = _read_partial(partial, path)
         with open_engine(str(path), runtime, False) as engine, progress_bar("profiling") as bar:
-            result = profile_texts(engine, texts, max_tokens=max_tokens, progress=bar)
+            result = profile_texts(
+                engine,
+                texts,
+                max_tokens=max_tokens,
+                progress=bar,
+                reap=reap,
+                resume=resume,
+                after_file=lambda p: write_profile(p, partial),
+            )
+        result.created = ""  # the partial file's time was stamped on it
     else:
         packed = open_packed(path)
         args = ModelArgs.from_dict(read_config(packed), source=str(path / "config.json"))
@@ -85,6 +106,8 @@ def profile(model, texts, traces, out, max_tokens, runtime, resident):
         num_experts = [e.num_experts for e in packed.manifest.layers]
         result = profile_traces(traces, model_identity(path), num_experts, top_k)
     write_profile(result, dst)
+    if texts:
+        partial.unlink(missing_ok=True)
     hot = _hot_share(result)
     click.echo(
         f"profiled {result.tokens} tokens of {len(result.sources)} file(s) -> {dst} "
@@ -101,3 +124,17 @@ def _hot_share(profile) -> float:
         top += sum(counts[: max(1, len(counts) // 4)])
         total += sum(counts)
     return top / total if total else 0.0
+
+
+def _read_partial(partial: Path, model_path: Path):
+    """The profile an interrupted run left after its last whole file, or None."""
+    from streamer.storage.profile_file import read_profile
+    from streamer.storage.session import model_identity
+
+    if not partial.is_file():
+        return None
+    found = read_profile(partial)
+    if found.model["fingerprint"] != model_identity(model_path)["fingerprint"]:
+        raise ConfigError(f"{partial} holds an interrupted profile of another model; delete it to start over")
+    click.echo(f"resuming after {len(found.sources)} file(s) already profiled ({partial})", err=True)
+    return found

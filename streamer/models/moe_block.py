@@ -16,6 +16,10 @@ exactly the same operations as mlx-lm):
   router). The chosen experts are weighted by the unbiased probabilities: the bias decides *which*
   experts run, never how much each contributes.
 
+**Observer** (``set_observer``, off by default): a callable that gets (layer, indices [B, L, K], scores
+[B, L, K], y [B, L, K, H]) for every call, the routed experts' outputs before they are weighted (REAP
+saliency is measured from these). Unset, the block computes exactly what it does without the hook.
+
 Names: B = batch, L = tokens in this call, H = hidden size, K = experts per token, E = experts.
 """
 
@@ -29,6 +33,9 @@ import mlx.nn as nn
 from streamer.models.args import ModelArgs
 from streamer.models.layers import SwiGLUMLP
 from streamer.models.resident_experts import Experts, ResidentExperts
+
+# (layer, indices [B, L, K], scores [B, L, K], expert outputs [B, L, K, H]) -> None
+Observer = Callable[[int, mx.array, mx.array, mx.array], None]
 
 
 class SparseMoeBlock(nn.Module):
@@ -48,6 +55,8 @@ class SparseMoeBlock(nn.Module):
         self.experts_per_token = self.top_k
         self.cache_bias = 0.0
         self.cached_mask: Callable[[], mx.array | None] | None = None
+        self.observer: Observer | None = None
+        self.observer_layer = 0
 
     @property
     def experts(self) -> Experts:
@@ -85,6 +94,10 @@ class SparseMoeBlock(nn.Module):
             raise ValueError("a cache bias needs cached_mask (which experts are cached)")
         self.experts_per_token, self.cache_bias, self.cached_mask = k, float(cache_bias), cached_mask
 
+    def set_observer(self, observer: Observer | None, layer: int = 0) -> None:
+        """Calls ``observer(layer, indices, scores, y)`` on every forward pass (None: off)."""
+        self.observer, self.observer_layer = observer, layer
+
     def __call__(self, x: mx.array) -> mx.array:
         logits = self.gate(x)
         probs = mx.softmax(logits, axis=-1, precise=True)  # [B, L, E]
@@ -93,6 +106,8 @@ class SparseMoeBlock(nn.Module):
         if self.norm_topk_prob:
             scores = scores / scores.sum(axis=-1, keepdims=True)
         y = self.experts(x, indices)  # [B, L, K, H]
+        if self.observer is not None:
+            self.observer(self.observer_layer, indices, scores, y)
         y = (y * scores[..., None]).sum(axis=-2)
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y + shared

@@ -26,6 +26,9 @@ VERSION = 1
 ROUTED = "routed"  # the per-expert array of routing counts
 
 
+REAP = "reap"  # the per-expert REAP saliency: mean over routed tokens of gate weight x ||expert output||
+
+
 class ProfileError(StreamerError):
     """A profile, a text or a trace cannot be used: missing, malformed, another version or another model."""
 
@@ -126,6 +129,11 @@ def read_profile(path: str | os.PathLike) -> Profile:
                     raise ValueError(f"layer {layer} {name!r} has not {n} values")
             if any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in named[ROUTED]):
                 raise ValueError(f"layer {layer} {ROUTED!r} holds a value that is not a count")
+            if REAP in named and any(
+                not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf")
+                for v in named[REAP]
+            ):
+                raise ValueError(f"layer {layer} {REAP!r} holds a value that is not a finite score >= 0")
             arrays[layer] = named
         model = data["model"]
         if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):

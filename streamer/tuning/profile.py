@@ -24,6 +24,7 @@ import numpy as np
 
 from streamer.storage.profile_file import ROUTED, Profile, ProfileError, empty_profile
 from streamer.tuning.cache_sim import trace_records
+from streamer.tuning.saliency import Saliency
 
 WINDOW = 2048  # tokens per context when profiling text: each window starts from an empty cache
 _READ_BYTES = 1 << 20  # text is read, decoded and tokenized in pieces of about this size
@@ -101,12 +102,18 @@ def profile_texts(
     chunk: int | None = None,
     progress: Progress | None = None,
     on_route: Callable | None = None,
+    reap: bool = False,
+    resume: Profile | None = None,
+    after_file: Callable[[Profile], None] | None = None,
 ) -> Profile:
     """Runs ``engine`` teacher-forced over each text and counts every routing decision.
 
     Each file starts a fresh context, and so does every ``window`` tokens of it (the KV cache never holds
     more). ``max_tokens`` caps the tokens of all texts together. ``progress(bytes done, bytes total)``
     is called after each chunk; ``on_route`` (e.g. a RouteTrace) sees the same routing as the counts.
+    ``reap`` also measures each expert's REAP saliency (``tuning.saliency``) into ``reap`` arrays.
+    ``resume``: a profile of the first files of ``paths`` (as ``after_file`` got it after each file):
+    those files are skipped and counting goes on from it.
 
     Raises:
         ProfileError: a text is missing, unreadable, not UTF-8 or has no tokens; or no runtime.
@@ -123,14 +130,23 @@ def profile_texts(
             raise ProfileError(f"{p}: no such text file")
     chunk = chunk or PREFILL_CHUNK
     num_experts = [e.num_experts for e in runtime.packed.manifest.layers]
-    profile = empty_profile(model_identity(engine.path), num_experts, engine.args.num_experts_per_tok)
+    top_k = engine.args.num_experts_per_tok
+    profile = resume or empty_profile(model_identity(engine.path), num_experts, top_k)
     sizes = [p.stat().st_size for p in paths]
     vocab = engine.args.vocab_size
     total, left, previous = sum(sizes), max_tokens, runtime.on_route
+    skip = _resumed_files(profile, paths, sizes, reap) if resume is not None else 0
+    if left is not None:
+        left -= sum(s["tokens"] for s in profile.sources)
     for i, path in enumerate(paths):
+        if i < skip:
+            continue
         if left is not None and left <= 0:
             break
         counter = Counter(num_experts)
+        saliency = Saliency(num_experts) if reap else None
+        if saliency:
+            saliency.install(engine.model)
         runtime.on_route = _both(counter, on_route)
         run = _Windows(engine, window, lambda ids, cache: prefill(engine.model, ids, cache, chunk=chunk))
         done, pending = sum(sizes[:i]), []
@@ -158,15 +174,45 @@ def profile_texts(
                 run(tail[start : start + chunk])
         finally:
             runtime.on_route = previous
+            if saliency:
+                Saliency.remove(engine.model)
         if run.tokens == 0:
             raise ProfileError(f"{path}: the text is empty (no tokens to profile)")
+        if saliency:
+            saliency.add_to(profile)  # before the counts: REAP means are weighted by the counts so far
         counter.add_to(profile)
-        profile.sources.append({"kind": "text", "name": path.name, "bytes": sizes[i], "tokens": run.tokens})
+        source = {"kind": "text", "name": path.name, "bytes": sizes[i], "tokens": run.tokens}
+        profile.sources.append({**source, "reap": True} if reap else source)
         if progress:
             progress(sum(sizes[: i + 1]), total)
         if left is not None:
             left -= run.tokens
+        if after_file:
+            after_file(profile)
     return profile
+
+
+def _resumed_files(profile: Profile, paths: Sequence[Path], sizes: Sequence[int], reap: bool) -> int:
+    """How many leading files of ``paths`` the partial ``profile`` already holds (checked by name, size
+    and mode).
+
+    Raises:
+        ProfileError: the partial profile was made from other files or without/with --reap.
+    """
+    done = profile.sources
+    mine = [
+        {"kind": "text", "name": p.name, "bytes": n, "reap": reap} for p, n in zip(paths, sizes, strict=True)
+    ]
+    ok = len(done) <= len(paths) and all(
+        {k: s.get(k, False) for k in ("kind", "name", "bytes", "reap")} == m
+        for s, m in zip(done, mine, strict=False)
+    )
+    if not ok:
+        raise ProfileError(
+            "the interrupted profile was made from other texts or options; delete its .progress file "
+            "to start over"
+        )
+    return len(done)
 
 
 class _Windows:
