@@ -24,6 +24,7 @@ from streamer.cli import bench as bench_commands  # noqa: E402
 from streamer.cli import chat as chat_command  # noqa: E402
 from streamer.cli import generate as generate_command  # noqa: E402
 from streamer.cli import profile as profile_command  # noqa: E402
+from streamer.cli import prune as prune_command  # noqa: E402
 from streamer.cli import repack as repack_commands  # noqa: E402
 from streamer.cli import serve as serve_command  # noqa: E402
 from streamer.cli import synthetic as synthetic_command  # noqa: E402
@@ -78,6 +79,7 @@ for _command in (
     bench_commands.bench,
     bench_commands.advise,
     profile_command.profile,
+    prune_command.prune,
     synthetic_command.synthetic,
 ):
     main.add_command(_command)

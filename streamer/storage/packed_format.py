@@ -155,6 +155,7 @@ class Manifest:
     resident_crc32: dict[str, int]  # tensor name -> CRC-32 of its bytes
     layers: tuple[LayerEntry, ...]
     files: dict[str, dict] = field(default_factory=dict)  # copied file -> {"bytes", "crc32"}
+    pruned: dict | None = None  # set by `streamer prune`: method, experts kept, the unpruned source
 
     @property
     def expert_bytes(self) -> int:
@@ -196,6 +197,8 @@ class Manifest:
             "layers": layers,
             "totals": {"resident_bytes": self.resident_bytes, "expert_bytes": self.expert_bytes},
         }
+        if self.pruned is not None:  # absent otherwise: unpruned manifests (and fingerprints) are unchanged
+            doc["pruned"] = self.pruned
         return (json.dumps(doc, indent=1) + "\n").encode()
 
     @classmethod
@@ -225,6 +228,7 @@ class Manifest:
                     k: {"bytes": int(v["bytes"]), "crc32": int(v["crc32"], 16)}
                     for k, v in doc["files"].items()
                 },
+                pruned=_pruned_from_json(doc.get("pruned")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PackedFormatError(f"{path}: malformed manifest ({e!r}); {anew}") from None
@@ -237,6 +241,25 @@ class Manifest:
 
 
 _REPACK_ANEW = 'delete {} and run "streamer repack" again'
+
+
+def _pruned_from_json(d) -> dict | None:
+    if d is None:
+        return None
+    if not (isinstance(d, dict) and isinstance(d.get("method"), str) and isinstance(d.get("experts"), int)):
+        raise ValueError(f"'pruned' is not a prune record: {d!s:.80}")
+    return d
+
+
+def pruned_label(manifest: Manifest) -> str | None:
+    """One line saying how the model was pruned (None when it was not), for info, chat and serve."""
+    p = manifest.pruned
+    if p is None:
+        return None
+    return (
+        f"pruned by {p['method']}: {p['experts']} of {p.get('source_experts', '?')} experts per layer kept "
+        f"(from {p.get('source', {}).get('name', '?')})"
+    )
 
 
 def _layer_from_json(d: dict) -> LayerEntry:

@@ -15,6 +15,7 @@ Names: E = experts of a layer, K = experts per token, N = tokens in a call.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -128,3 +129,22 @@ def choose_experts(
         order = np.lexsort((np.arange(n), -score))  # highest score first, then lower id
         kept.append(sorted(int(e) for e in order[:keep]))
     return kept
+
+
+def prune_divergence(
+    source: str | os.PathLike, pruned: str | os.PathLike, config, text: str, n_tokens: int, n_prompt: int
+) -> dict:
+    """How far the pruned model's next-token predictions are from the unpruned one's, teacher-forced on
+    the first ``n_tokens`` of ``text`` (``divergence.compare``: top-1 agreement, KL, loss change).
+
+    Each model is loaded fresh with ``config`` (one at a time) and given the same tokens.
+    """
+    from streamer.loader import load_engine
+    from streamer.tuning.divergence import compare, teacher_forced, text_ids
+
+    runs, ids = [], None
+    for path in (source, pruned):
+        with load_engine(path, config) as engine:
+            ids = ids or text_ids(engine, text, n_tokens)
+            runs.append(teacher_forced(engine, ids, n_prompt))
+    return compare(*runs)
