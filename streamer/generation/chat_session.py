@@ -5,12 +5,14 @@ tokens after the longest prefix whose state is at hand are run through the model
 
 * the cache itself, when the ids it holds are a prefix of the new rendering (templates that keep
   earlier answers verbatim);
-* else the snapshot taken at the last message boundary (the end of the previous user message): Qwen3.5's
-  template drops earlier thinking, so the previous answer is re-read from there;
+* else the longest snapshot in the session's prefix cache, taken at message boundaries (the end of each
+  user message): Qwen3.5's template drops earlier thinking, so the previous answer is re-read from there;
 * else nothing: the conversation is prefilled from the start (e.g. after the system prompt changed).
 
-A DeltaNet state cannot be rewound like a KV cache, hence the snapshot. The session object is plain
-Python (no click, no terminal): the CLI in ``cli_chat`` drives it, and so can tests or other front ends.
+A DeltaNet state cannot be rewound like a KV cache, hence the snapshots. They live in a ``PrefixCache``,
+the same mechanism (and code) the server uses to resume conversations across requests. The session
+object is plain Python (no click, no terminal): the CLI in ``cli/chat.py`` drives it, and so can tests or
+other front ends.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import mlx.core as mx
 
 from streamer.errors import CheckpointError, ConfigError
 from streamer.generation.generate import PREFILL_CHUNK, prefill, stream_generate
+from streamer.generation.prefix_cache import ModelState, PrefixCache, capture_state, restore_state
 from streamer.generation.sampling import SamplingParams, TokenSampler, default_sampling_params, make_sampler
 from streamer.loader import Engine
 from streamer.models.layer_cache import KVCache, KVSnapshot, restore_caches, snapshot_caches
@@ -33,6 +36,9 @@ from streamer.storage.session import SessionError, SessionState, check_compatibl
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 8192
+# Message-boundary snapshots a chat keeps (KV shared between them, counted once).
+CHAT_SNAPSHOT_BYTES = 2 * 10**9
+CHAT_SNAPSHOTS = 8
 _EXPERT_KEYS = ("cache_hits", "cache_misses", "bytes_read")
 
 
@@ -69,12 +75,6 @@ class TurnStats:
     @property
     def decode_tps(self) -> float:
         return self.generated_tokens / max(self.decode_s, 1e-9)
-
-
-@dataclass
-class _Checkpoint:
-    ids: list[int]
-    state: list  # snapshot_caches() at len(ids)
 
 
 class _Reply:
@@ -168,7 +168,9 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": self._system}] if self._system else []
         self.cache = self.engine.model.make_cache()
         self.cached_ids: list[int] = []  # the tokens whose state ``cache`` holds
-        self._boundary: _Checkpoint | None = None
+        self.snapshots = PrefixCache(CHAT_SNAPSHOT_BYTES, CHAT_SNAPSHOTS)
+        self._last: ModelState | None = None  # the latest snapshot (what an interrupted call returns to)
+        self._last_ids: list[int] = []
 
     def set_system(self, text: str | None) -> None:
         """Sets (or with None/"" removes) the system prompt; the history stays, the next turn re-reads it."""
@@ -287,9 +289,8 @@ class ChatSession:
         if is_prefix(self.cached_ids):
             return "cache"
         had = len(self.cached_ids)
-        if self._boundary and is_prefix(self._boundary.ids):
-            restore_caches(self.cache, self._boundary.state)
-            self.cached_ids = list(self._boundary.ids)
+        if (hit := self.snapshots.lookup(ids)) is not None:
+            self._go_back_to(list(hit.ids), hit.state)
             log.info(
                 "the conversation re-renders differently after the cached tokens (the template drops "
                 "earlier thinking): continuing from the last message boundary at token %d, %d to prefill",
@@ -316,13 +317,27 @@ class ChatSession:
             if self._stop.is_set():
                 raise _Stopped
         if end > start:
-            self._boundary = _Checkpoint(ids[:end], snapshot_caches(self.cache))
+            self._remember(ids[:end])
+
+    def _remember(self, ids: list[int]) -> None:
+        """Snapshots the cache (which holds ``ids``) into the prefix cache, sharing the KV positions it has
+        in common with the previous snapshot."""
+        n = len(self._last_ids)
+        base = self._last if self._last is not None and n <= len(ids) and ids[:n] == self._last_ids else None
+        state, own_bytes = capture_state(self.cache, base)
+        self.snapshots.store(ids, state, own_bytes, state.segments)
+        self._last, self._last_ids = state, list(ids)
+
+    def _go_back_to(self, ids: list[int], state: ModelState) -> None:
+        self.cache = self.engine.model.make_cache()
+        restore_state(self.cache, state)
+        self.cached_ids = list(ids)
+        self._last, self._last_ids = state, list(ids)
 
     def _recover(self) -> None:
         """After an exception mid-model-call the state is unknown: go back to the last snapshot."""
-        if self._boundary:
-            restore_caches(self.cache, self._boundary.state)
-            self.cached_ids = list(self._boundary.ids)
+        if self._last is not None:
+            self._go_back_to(self._last_ids, self._last)
         else:
             self.cache, self.cached_ids = self.engine.model.make_cache(), []
 
@@ -350,15 +365,19 @@ class ChatSession:
 
     def export_state(self) -> SessionState:
         """The conversation and model state, for ``session.write_session``."""
-        b = self._boundary
+        boundary = None
+        if self._last is not None:
+            cache = self.engine.model.make_cache()
+            restore_state(cache, self._last)
+            boundary = snapshot_caches(cache)
         return SessionState(
             model=self.identity,
             dtype=dtype_name(self.engine.model.dtype),
             messages=[dict(m) for m in self.messages],
             token_ids=list(self.cached_ids),
             caches=snapshot_caches(self.cache),
-            boundary_tokens=len(b.ids) if b else None,
-            boundary=b.state if b else None,
+            boundary_tokens=len(self._last_ids) if boundary is not None else None,
+            boundary=boundary,
             enable_thinking=self.enable_thinking,
         )
 
@@ -379,9 +398,14 @@ class ChatSession:
         self.cache, self.cached_ids = cache, list(state.token_ids)
         self.messages = [dict(m) for m in state.messages]
         self._system = next((m["content"] for m in self.messages if m["role"] == "system"), None)
-        self._boundary = None
+        self.snapshots = PrefixCache(CHAT_SNAPSHOT_BYTES, CHAT_SNAPSHOTS)
+        self._last, self._last_ids = None, []
         if state.boundary is not None and state.boundary_tokens:
-            self._boundary = _Checkpoint(state.token_ids[: state.boundary_tokens], state.boundary)
+            live = self.cache
+            self.cache = self.engine.model.make_cache()
+            restore_caches(self.cache, state.boundary)
+            self._remember(state.token_ids[: state.boundary_tokens])
+            self.cache = live
 
 
 def _state_arrays(cache: list) -> list[mx.array]:

@@ -26,12 +26,12 @@ from urllib.parse import urlsplit
 
 from streamer.errors import ConfigError
 from streamer.generation.constrained import Vocabulary
+from streamer.generation.prefix_cache import PrefixCache
 from streamer.generation.sampling import model_max_tokens, model_thinks_by_default
 from streamer.serve import anthropic_api as api_anthropic
 from streamer.serve import openai_api as api_openai
 from streamer.serve import responses_api as api_responses
 from streamer.serve.api import ApiContext, ApiError, EventStream, JsonResponse, ReasoningMemory, ServeSettings
-from streamer.serve.prefix_cache import PrefixCache
 from streamer.serve.worker import BatchSettings, GenerationWorker, ScriptedModel
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from streamer.errors import StreamerError
 from streamer.generation.constrained import Constraint
+from streamer.generation.prefix_cache import ModelState, PrefixCache, capture_state, restore_state
 from streamer.generation.sampling import SamplingParams, make_sampler
 from streamer.generation.scheduler import (
     DEFAULT_MAX_BATCH,
@@ -33,7 +34,6 @@ from streamer.generation.scheduler import (
     MemoryBudgetError,
     Scheduler,
 )
-from streamer.serve.prefix_cache import ModelState, PrefixCache, capture_state, restore_state
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ resumes from the end of an answer, the prefix cache stays within its budget."""
 from __future__ import annotations
 
 from streamer.generation.generate import stream_generate
+from streamer.generation.prefix_cache import PrefixCache
 from streamer.generation.sampling import SamplingParams, make_sampler
 from streamer.loader import load_engine
-from streamer.serve.prefix_cache import PrefixCache
 from streamer.serve.worker import Finished, GenerationWorker, Job, Piece, StopMatcher
 from tests.serve.helpers import GREEDY, oai, stats
 
