@@ -21,6 +21,7 @@ from streamer.generation.chat_session import DEFAULT_MAX_TOKENS, ChatChunk, Chat
 from streamer.generation.generate import PREFILL_CHUNK
 from streamer.generation.sampling import default_sampling_params, model_max_tokens, model_thinks_by_default
 from streamer.loader import describe_routing
+from streamer.storage.packed_format import pruned_label
 from streamer.storage.session import list_sessions, read_session, session_path, write_session
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -343,9 +344,12 @@ class _ChatLoop:
             sampling += f", presence {p.presence_penalty:g}"
         if p.repetition_penalty != 1:
             sampling += f", repetition {p.repetition_penalty:g}"
+        runtime = s.engine.runtime
+        pruned = pruned_label(runtime.packed.manifest) if runtime is not None else None
         return (
             f"chatting with {s.engine.path.name} ({mode}; {sampling}; {describe_routing(s.engine.routing)}). "
-            "/help for commands, Ctrl-C stops an answer, Ctrl-D exits."
+            + (f"{pruned[0].upper()}{pruned[1:]}. " if pruned else "")
+            + "/help for commands, Ctrl-C stops an answer, Ctrl-D exits."
         )
 
     def _note(self, text: str) -> None:

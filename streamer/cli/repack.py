@@ -14,7 +14,7 @@ import click
 from streamer.errors import PackedFormatError
 from streamer.models.args import CONFIG_FILE, read_config_file
 from streamer.storage.packed import open_packed, read_manifest, repair_hint
-from streamer.storage.packed_format import PROGRESS_FILE, LayerEntry, Manifest
+from streamer.storage.packed_format import PROGRESS_FILE, LayerEntry, Manifest, pruned_label
 from streamer.storage.paths import list_packed_dirs, model_id_from_dir_name, models_dir, resolve_packed_model
 from streamer.storage.repack import run_repack
 from streamer.storage.repack_destination import inspect_destination
@@ -213,6 +213,8 @@ def info(model: str) -> None:
         *layer_summaries(m.layers),
         f"total      {_size(m.total_bytes)}",
     ]
+    if pruned_label(m):
+        lines.insert(1, f"pruned     {pruned_label(m)}")
     click.echo("\n".join(lines))
 
 

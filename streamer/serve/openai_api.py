@@ -32,6 +32,7 @@ from streamer.serve.api import (
 )
 from streamer.serve.tool_calls import OutputParser
 from streamer.serve.worker import Finished, TokenLogprob
+from streamer.storage.packed_format import pruned_label
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -44,7 +45,20 @@ def error_body(e: ApiError) -> dict:
 def list_models(ctx: ApiContext, created: int) -> JsonResponse:
     names = ctx.settings.model_names
     data = [{"id": n, "object": "model", "created": created, "owned_by": "streamer"} for n in names]
+    pruned = _pruned(ctx)
+    if pruned:  # a model written by `streamer prune` says so (extension field)
+        data = [{**d, "pruned": pruned} for d in data]
     return JsonResponse({"object": "list", "data": data})
+
+
+def _pruned(ctx: ApiContext) -> dict | None:
+    runtime = getattr(getattr(ctx.worker, "engine", None), "runtime", None)
+    manifest = runtime.packed.manifest if runtime is not None else None
+    if manifest is None or manifest.pruned is None:
+        return None
+    p = manifest.pruned
+    keys = ("method", "experts", "source_experts")
+    return {"label": pruned_label(manifest), **{k: p.get(k) for k in keys}, "source": p["source"].get("name")}
 
 
 def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
