@@ -56,7 +56,7 @@ def messages(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     if forced is not None:
         parallel = not forced.disable_parallel
         grammar = lambda: tool_call_grammar(tools, forced.names, parallel)  # noqa: E731
-    constraint = make_constraint(ctx, grammar, prompt.thinking, "tool_choice")
+    constraint = make_constraint(ctx, grammar, prompt.thinking, "tool_choice", f.flag("ignore_eos"))
     mid = make_id("msg_")
     job = make_job(
         ctx,

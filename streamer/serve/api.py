@@ -256,10 +256,15 @@ def make_job(
 
 
 def make_constraint(
-    ctx: ApiContext, grammar: Callable[[], str] | None, thinking: bool, param: str
+    ctx: ApiContext,
+    grammar: Callable[[], str] | None,
+    thinking: bool,
+    param: str,
+    ignore_eos: bool = False,
 ) -> Constraint | None:
     """The compiled grammar a request's answer must follow (None: no grammar); a bad one (say, a JSON
-    schema the grammar library cannot compile) is a 400 naming ``param``.
+    schema the grammar library cannot compile) is a 400 naming ``param``, and so is ``ignore_eos`` with a
+    grammar (a complete grammar allows only the end of the answer, which ignore_eos would refuse).
 
     ``grammar`` writes the grammar text (see ``streamer.generation.constrained``). When the answer starts
     with reasoning, the grammar applies after ``</think>``: the model thinks freely, then writes what the
@@ -267,6 +272,13 @@ def make_constraint(
     """
     if grammar is None:
         return None
+    if ignore_eos:
+        raise ApiError(
+            400,
+            f"ignore_eos cannot be combined with {param}: a constrained answer ends at end-of-sequence once "
+            f"its grammar is complete; drop ignore_eos (or {param})",
+            param="ignore_eos",
+        )
     start_after = None
     if thinking:
         start_after = ctx.tokenizer.token_id(THINK_CLOSE)
@@ -354,17 +366,43 @@ def run_job(ctx: ApiContext, job: Job, poll_s: float = 0.2) -> Iterator:
     Cancels the job when the client disconnects (checked every ``poll_s`` while waiting) or when the
     consumer stops early (a failed write closes this generator). A worker failure raises ApiError 500.
     """
+    for _, event in run_jobs(ctx, [job], poll_s):
+        yield event
+
+
+class _Tagged:
+    """A job's event queue that puts ``(index, event)`` into a queue shared by a request's jobs."""
+
+    def __init__(self, shared: queue.Queue, index: int):
+        self.shared, self.index = shared, index
+
+    def put(self, event) -> None:
+        self.shared.put((self.index, event))
+
+
+def run_jobs(ctx: ApiContext, jobs: list[Job], poll_s: float = 0.2) -> Iterator[tuple[int | None, object]]:
+    """Submits the jobs of one request together (they join the batch together) and yields
+    ``(job index, event)`` as the events come, and ``(None, HEARTBEAT)`` when idle; ends when every job
+    has finished.
+
+    Cancels every unfinished job when the client disconnects (checked every ``poll_s`` while waiting) or
+    when the consumer stops early. A worker failure of any job raises ApiError (and cancels the rest).
+    """
     client_gone, heartbeat_s = ctx.client_gone, ctx.settings.heartbeat_s
-    ctx.worker.submit(job)
-    finished = False
+    shared: queue.Queue = queue.Queue()
+    for i, job in enumerate(jobs):
+        job.events = _Tagged(shared, i)
+    for job in jobs:
+        ctx.worker.submit(job)
+    running = set(range(len(jobs)))
     checked = last_event = time.monotonic()
     try:
-        while True:
+        while running:
             try:
-                event = job.events.get(timeout=poll_s)
+                i, event = shared.get(timeout=poll_s)
                 last_event = time.monotonic()
             except queue.Empty:
-                event = None
+                i, event = None, None
             if time.monotonic() - checked >= poll_s:
                 checked = time.monotonic()
                 if client_gone():
@@ -372,19 +410,39 @@ def run_job(ctx: ApiContext, job: Job, poll_s: float = 0.2) -> Iterator:
             if event is None:
                 if time.monotonic() - last_event >= heartbeat_s:
                     last_event = time.monotonic()
-                    yield HEARTBEAT
+                    yield None, HEARTBEAT
                 continue
+            if isinstance(event, (Failed, Finished)):
+                running.discard(i)
             if isinstance(event, Failed):
-                finished = True
                 kind = "server_error" if event.status >= 500 else "invalid_request_error"
                 raise ApiError(event.status, event.message, kind=kind)
-            finished = isinstance(event, Finished)
-            yield event
-            if finished:
-                return
+            yield i, event
     finally:
-        if not finished:
-            job.cancelled.set()
+        for i in running:
+            jobs[i].cancelled.set()
+
+
+def choice_jobs(job: Job, n: int, constraint: Callable[[], Constraint | None] = lambda: None) -> list[Job]:
+    """``n`` jobs for the ``n`` choices of one request: ``job`` with choice i's own events, sampler seed
+    (the request's seed + i, so choices differ under sampling and the response stays reproducible) and
+    constraint (a grammar's state belongs to one answer)."""
+    jobs = []
+    for i in range(n):
+        seed = job.sampling.seed
+        sampling = dataclasses.replace(job.sampling, seed=None if seed is None else (seed + i) % 2**64)
+        label = job.label if n == 1 else f"{job.label}/{i}"
+        jobs.append(
+            dataclasses.replace(
+                job,
+                sampling=sampling,
+                label=label,
+                constraint=job.constraint if i == 0 else constraint(),
+                events=queue.Queue(),
+                cancelled=threading.Event(),
+            )
+        )
+    return jobs
 
 
 @dataclass
@@ -394,31 +452,102 @@ class Logprobs:
     tokens: list[TokenLogprob]
 
 
-def answer_events(
-    events: Iterator, parser: OutputParser | None, memory: ReasoningMemory | None = None
-) -> Iterator[Delta | Logprobs | Finished | Heartbeat]:
-    """Worker events as answer deltas (reasoning / content / tool calls), then the Finished event.
+@dataclass
+class Answered(Finished):
+    """The worker's ``Finished`` with the answer's reasoning tokens (generated before ``</think>``)."""
+
+    reasoning_tokens: int = 0
+
+
+class AnswerStream:
+    """One answer's worker events as answer deltas (reasoning / content / tool calls), then ``Answered``.
 
     A piece's token logprobs, when asked for, come as one ``Logprobs`` event before its deltas. The
     reasoning before each tool call goes into ``memory``, keyed by the call's id.
+
+    Args:
+        parser: splits the text (None: all of it is content).
+        memory: where reasoning before tool calls is kept.
+        think_close: the ``</think>`` token id when the answer starts as reasoning (None: it does not).
     """
-    reasoning = []
-    for event in events:
+
+    def __init__(
+        self,
+        parser: OutputParser | None,
+        memory: ReasoningMemory | None = None,
+        think_close: int | None = None,
+    ):
+        self.parser, self.memory, self.think_close = parser, memory, think_close
+        self.reasoning: list[str] = []
+        self.text = ""  # the answer so far, until </think> shows in it
+        self.pieces_before_close = 0
+
+    def feed(self, event) -> list:
         if isinstance(event, Heartbeat):
-            yield event
-            continue
-        if isinstance(event, Piece) and event.logprobs:
-            yield Logprobs(event.logprobs)
+            return [event]
+        out = []
         if isinstance(event, Piece):
-            deltas = parser.feed(event.text) if parser else [Delta("content", event.text)]
+            if event.logprobs:
+                out.append(Logprobs(event.logprobs))
+            self._count(event.text)
+            deltas = self.parser.feed(event.text) if self.parser else [Delta("content", event.text)]
         else:
-            deltas = [*(parser.finish() if parser else []), event]
+            deltas = [*(self.parser.finish() if self.parser else []), self._answered(event)]
         for delta in deltas:
             if isinstance(delta, Delta) and delta.kind == "reasoning":
-                reasoning.append(delta.text)
-            elif isinstance(delta, Delta) and delta.kind == "tool_call" and memory and reasoning:
-                memory.remember(delta.call.id, "".join(reasoning))
-            yield delta
+                self.reasoning.append(delta.text)
+            elif isinstance(delta, Delta) and delta.kind == "tool_call" and self.memory and self.reasoning:
+                self.memory.remember(delta.call.id, "".join(self.reasoning))
+            out.append(delta)
+        return out
+
+    def _count(self, text: str) -> None:
+        if self.text is not None:
+            self.text += text
+            if THINK_CLOSE in self.text:
+                self.text = None
+            else:
+                self.pieces_before_close += 1
+
+    def _answered(self, finished: Finished) -> Answered:
+        fields = {f.name: getattr(finished, f.name) for f in dataclasses.fields(Finished)}
+        return Answered(**fields, reasoning_tokens=self._reasoning_tokens(finished.token_ids))
+
+    def _reasoning_tokens(self, ids: list[int]) -> int:
+        if self.think_close is None:
+            return 0
+        if ids and min(ids) < 0:  # a scripted model's tokens: one piece each
+            return self.pieces_before_close
+        return ids.index(self.think_close) if self.think_close in ids else len(ids)
+
+
+def answer_events(
+    events: Iterator,
+    parser: OutputParser | None,
+    memory: ReasoningMemory | None = None,
+    think_close: int | None = None,
+) -> Iterator[Delta | Logprobs | Answered | Heartbeat]:
+    """Worker events of one job as answer events (see ``AnswerStream``)."""
+    stream = AnswerStream(parser, memory, think_close)
+    for event in events:
+        yield from stream.feed(event)
+
+
+def choice_events(
+    events: Iterator[tuple[int | None, object]], streams: list[AnswerStream]
+) -> Iterator[tuple[int | None, Delta | Logprobs | Answered | Heartbeat]]:
+    """``run_jobs``'s events as ``(choice index, answer event)``, each choice through its own stream."""
+    for i, event in events:
+        if i is None:
+            yield None, event
+            continue
+        for out in streams[i].feed(event):
+            yield i, out
+
+
+def think_close_id(ctx: ApiContext, thinking: bool) -> int | None:
+    """The ``</think>`` id that ends an answer's reasoning (None when the answer does not start thinking)."""
+    return ctx.tokenizer.token_id(THINK_CLOSE) if thinking else None
 
 
 class ReasoningMemory:

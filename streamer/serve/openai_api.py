@@ -15,6 +15,8 @@ import time
 
 from streamer.generation.constrained import json_grammar, tool_call_grammar
 from streamer.serve.api import (
+    Answered,
+    AnswerStream,
     ApiContext,
     ApiError,
     EventStream,
@@ -22,13 +24,15 @@ from streamer.serve.api import (
     Heartbeat,
     JsonResponse,
     Logprobs,
-    answer_events,
+    choice_events,
+    choice_jobs,
     completion_budget,
     make_constraint,
     make_id,
     make_job,
     render_chat,
-    run_job,
+    run_jobs,
+    think_close_id,
 )
 from streamer.serve.tool_calls import OutputParser
 from streamer.serve.worker import Finished, TokenLogprob
@@ -65,7 +69,7 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     """Handles POST /v1/chat/completions; None when the client went away before the answer."""
     f = Fields(body)
     model = ctx.settings.check_model(body.get("model"))
-    _check_n(f)
+    n = _choices(f, ctx)
     logprobs = _chat_logprobs(f)
     messages = [_template_message(m, i) for i, m in enumerate(f.get("messages", list, required=True))]
     if not messages:
@@ -88,7 +92,10 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
     include_usage = _include_usage(f)
     cid = make_id("chatcmpl-")
     snapshot_at = () if prompt.boundary is None else (prompt.boundary,)
-    constraint = make_constraint(ctx, grammar, prompt.thinking, grammar_param)
+
+    def constraint():
+        return make_constraint(ctx, grammar, prompt.thinking, grammar_param, f.flag("ignore_eos"))
+
     job = make_job(
         ctx,
         f,
@@ -99,98 +106,106 @@ def chat_completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None
         snapshot_at=snapshot_at,
         label=cid,
         logprobs=logprobs,
-        constraint=constraint,
+        constraint=constraint(),
     )
-    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
+    jobs = choice_jobs(job, n, constraint)
+    think_close = think_close_id(ctx, prompt.thinking)
+    streams = [AnswerStream(OutputParser(prompt.thinking, tools), ctx.memory, think_close) for _ in jobs]
+    events = choice_events(run_jobs(ctx, jobs), streams)
     head = {"id": cid, "created": int(time.time()), "model": model}
     if f.flag("stream"):
-        return EventStream(_chat_stream(head, events, include_usage, logprobs is not None))
-    return _chat_answer(head, events, logprobs is not None)
+        return EventStream(_chat_stream(head, events, n, include_usage, logprobs is not None))
+    return _chat_answer(head, events, n, logprobs is not None)
 
 
-def _chat_answer(head: dict, events, want_logprobs: bool) -> JsonResponse | None:
-    parts = {"reasoning": [], "content": [], "tool_call": []}
-    finished, tokens = None, []
-    for event in events:
+def _chat_answer(head: dict, events, n: int, want_logprobs: bool) -> JsonResponse | None:
+    parts = [{"reasoning": [], "content": [], "tool_call": []} for _ in range(n)]
+    finished: list[Answered | None] = [None] * n
+    tokens: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    for i, event in events:
         if isinstance(event, Finished):
-            finished = event
+            finished[i] = event
         elif isinstance(event, Logprobs):
-            tokens += event.tokens
+            tokens[i] += event.tokens
         elif not isinstance(event, Heartbeat):
-            parts[event.kind].append(event.call if event.kind == "tool_call" else event.text)
-    if finished is None:
+            parts[i][event.kind].append(event.call if event.kind == "tool_call" else event.text)
+    if None in finished:
         return None
-    calls = parts["tool_call"]
-    message = {"role": "assistant", "content": "".join(parts["content"]) or (None if calls else "")}
-    if parts["reasoning"]:
-        message["reasoning_content"] = "".join(parts["reasoning"])
-    if calls:
-        message["tool_calls"] = [_tool_call_json(c) for c in calls]
-    logprobs = _chat_logprobs_json(tokens) if want_logprobs else None
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(finished, calls)}
-    body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage_json(finished)}
+    choices = []
+    for i, (p, done) in enumerate(zip(parts, finished, strict=True)):
+        calls = p["tool_call"]
+        message = {"role": "assistant", "content": "".join(p["content"]) or (None if calls else "")}
+        if p["reasoning"]:
+            message["reasoning_content"] = "".join(p["reasoning"])
+        if calls:
+            message["tool_calls"] = [_tool_call_json(c) for c in calls]
+        logprobs = _chat_logprobs_json(tokens[i]) if want_logprobs else None
+        choices.append(
+            {"index": i, "message": message, "logprobs": logprobs, "finish_reason": _finish(done, calls)}
+        )
+    body = {**head, "object": "chat.completion", "choices": choices, "usage": usage_json(finished)}
     return JsonResponse(body)
 
 
-def _chat_stream(head: dict, events, include_usage: bool, want_logprobs: bool = False):
-    pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not gone out yet
-    started = False
+class _ChatChoiceStream:
+    """What one choice of a streamed chat answer has sent: its role opening, tool calls, logprobs."""
 
-    def chunk(delta: dict, finish_reason=None) -> tuple[None, str]:
+    def __init__(self, index: int, head: dict, want_logprobs: bool):
+        self.index, self.head, self.want_logprobs = index, head, want_logprobs
+        self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not gone out yet
+        self.started = False
+        self.n_calls = 0
+
+    def chunk(self, delta: dict, finish_reason=None, with_logprobs: bool = True) -> tuple[None, str]:
         logprobs = None
-        if want_logprobs and pending:
-            logprobs = _chat_logprobs_json(pending)
-            pending.clear()
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return None, json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]})
+        if self.want_logprobs and self.pending and with_logprobs:
+            logprobs = _chat_logprobs_json(self.pending)
+            self.pending.clear()
+        choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return None, json.dumps({**self.head, "object": "chat.completion.chunk", "choices": [choice]})
 
-    def opening(event) -> list[tuple[None, str]]:
+    def events(self, event) -> list[tuple[None, str]]:
+        """The chunks for one answer event of this choice."""
         # The role goes out with the first event, as OpenAI does: a tool-call answer's first delta
         # carries the call and content null; any other answer starts with content "".
-        nonlocal started
-        if started or isinstance(event, (Heartbeat, Logprobs)):
-            return []
-        started = True
-        if not isinstance(event, Finished) and event.kind == "tool_call":
-            return []
-        return [(None, json.dumps({**head, "object": "chat.completion.chunk", "choices": [_ROLE_CHOICE]}))]
+        first, out = not self.started, []
+        if isinstance(event, Logprobs):
+            self.pending.extend(event.tokens)
+            return out
+        self.started = True
+        tool_call = not isinstance(event, Finished) and event.kind == "tool_call"
+        if first and not tool_call:
+            out.append(self.chunk({"role": "assistant", "content": ""}, with_logprobs=False))
+        if isinstance(event, Finished):
+            out.append(self.chunk({}, _finish(event, self.n_calls)))
+        elif tool_call:
+            delta = {"tool_calls": [{"index": self.n_calls, **_tool_call_json(event.call)}]}
+            out.append(self.chunk({"role": "assistant", "content": None, **delta} if first else delta))
+            self.n_calls += 1
+        else:
+            out.append(
+                self.chunk({"reasoning_content" if event.kind == "reasoning" else "content": event.text})
+            )
+        return out
 
-    n_calls = 0
+
+def _chat_stream(head: dict, events, n: int, include_usage: bool, want_logprobs: bool = False):
+    choices = [_ChatChoiceStream(i, head, want_logprobs) for i in range(n)]
+    finished: list[Answered | None] = [None] * n
     try:
-        for event in events:
-            first = not started
-            yield from opening(event)
+        for i, event in events:
             if isinstance(event, Heartbeat):
                 yield None, None
-            elif isinstance(event, Logprobs):
-                pending.extend(event.tokens)
-            elif isinstance(event, Finished):
-                yield chunk({}, _finish(event, n_calls))
-                if include_usage:
-                    body = {
-                        **head,
-                        "object": "chat.completion.chunk",
-                        "choices": [],
-                        "usage": usage_json(event),
-                    }
-                    yield None, json.dumps(body)
-            elif event.kind == "tool_call":
-                delta = {"tool_calls": [{"index": n_calls, **_tool_call_json(event.call)}]}
-                yield chunk({"role": "assistant", "content": None, **delta} if first else delta)
-                n_calls += 1
-            else:
-                yield chunk({"reasoning_content" if event.kind == "reasoning" else "content": event.text})
+                continue
+            if isinstance(event, Finished):
+                finished[i] = event
+            yield from choices[i].events(event)
+        if include_usage and None not in finished:
+            body = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_json(finished)}
+            yield None, json.dumps(body)
     except ApiError as e:
         yield None, json.dumps(error_body(e))
     yield None, "[DONE]"
-
-
-_ROLE_CHOICE = {
-    "index": 0,
-    "delta": {"role": "assistant", "content": ""},
-    "logprobs": None,
-    "finish_reason": None,
-}
 
 
 def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
@@ -199,7 +214,7 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     model = ctx.settings.check_model(body.get("model"))
     if f.flag("echo"):
         raise ApiError(400, "echo is not supported", param="echo")
-    _check_n(f)
+    n = _choices(f, ctx)
     logprobs = f.number("logprobs", 0, 20, integer=True)
     ids = _prompt_ids(f.get("prompt", (str, list), required=True), ctx.tokenizer)
     max_tokens = f.number("max_tokens", 1, integer=True)
@@ -218,51 +233,58 @@ def completions(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         label=cid,
         logprobs=logprobs,
     )
-    events = answer_events(run_job(ctx, job), None)
+    jobs = choice_jobs(job, n)
+    events = choice_events(run_jobs(ctx, jobs), [AnswerStream(None) for _ in jobs])
     head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model}
     if f.flag("stream"):
-        return EventStream(_completion_stream(head, events, include_usage, logprobs is not None))
-    texts, finished, tokens = [], None, []
-    for event in events:
+        return EventStream(_completion_stream(head, events, n, include_usage, logprobs is not None))
+    texts: list[list[str]] = [[] for _ in range(n)]
+    finished: list[Answered | None] = [None] * n
+    tokens: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    for i, event in events:
         if isinstance(event, Finished):
-            finished = event
+            finished[i] = event
         elif isinstance(event, Logprobs):
-            tokens += event.tokens
+            tokens[i] += event.tokens
         elif not isinstance(event, Heartbeat):
-            texts.append(event.text)
-    if finished is None:
+            texts[i].append(event.text)
+    if None in finished:
         return None
-    lp = _completion_logprobs_json(tokens, 0) if logprobs is not None else None
-    choice = {"index": 0, "text": "".join(texts), "logprobs": lp, "finish_reason": _finish(finished, [])}
-    return JsonResponse({**head, "choices": [choice], "usage": usage_json(finished)})
+    choices = []
+    for i, done in enumerate(finished):
+        lp = _completion_logprobs_json(tokens[i], 0) if logprobs is not None else None
+        text = "".join(texts[i])
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": _finish(done, [])})
+    return JsonResponse({**head, "choices": choices, "usage": usage_json(finished)})
 
 
-def _completion_stream(head: dict, events, include_usage: bool, want_logprobs: bool = False):
-    pending: list[TokenLogprob] = []
-    offset = 0  # where the next token starts in the completion text
+def _completion_stream(head: dict, events, n: int, include_usage: bool, want_logprobs: bool = False):
+    pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    offsets = [0] * n  # where each choice's next token starts in its completion text
+    finished: list[Answered | None] = [None] * n
 
-    def chunk(text: str, finish_reason=None) -> tuple[None, str]:
-        nonlocal offset
+    def chunk(i: int, text: str, finish_reason=None) -> tuple[None, str]:
         logprobs = None
-        if want_logprobs and pending:
-            logprobs = _completion_logprobs_json(pending, offset)
-            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-            pending.clear()
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if want_logprobs and pending[i]:
+            logprobs = _completion_logprobs_json(pending[i], offsets[i])
+            offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+            pending[i].clear()
+        choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return None, json.dumps({**head, "choices": [choice]})
 
     try:
-        for event in events:
+        for i, event in events:
             if isinstance(event, Heartbeat):
                 yield None, None
             elif isinstance(event, Logprobs):
-                pending.extend(event.tokens)
+                pending[i].extend(event.tokens)
             elif isinstance(event, Finished):
-                yield chunk("", _finish(event, []))
-                if include_usage:
-                    yield None, json.dumps({**head, "choices": [], "usage": usage_json(event)})
+                finished[i] = event
+                yield chunk(i, "", _finish(event, []))
             else:
-                yield chunk(event.text)
+                yield chunk(i, event.text)
+        if include_usage and None not in finished:
+            yield None, json.dumps({**head, "choices": [], "usage": usage_json(finished)})
     except ApiError as e:
         yield None, json.dumps(error_body(e))
     yield None, "[DONE]"
@@ -308,13 +330,16 @@ def _completion_logprobs_json(tokens: list[TokenLogprob], offset: int) -> dict:
     }
 
 
-def usage_json(finished: Finished) -> dict:
-    u = finished.usage
+def usage_json(finished: list[Answered]) -> dict:
+    """Usage of a response's choices: the prompt counted once, the completions of every choice summed."""
+    u = finished[0].usage
+    completion = sum(done.usage.completion_tokens for done in finished)
     return {
         "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": u.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": sum(done.reasoning_tokens for done in finished)},
     }
 
 
@@ -329,15 +354,18 @@ def _tool_call_json(call) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
-def _check_n(f: Fields) -> None:
-    n = f.number("n", 1, integer=True)
-    if n not in (None, 1):
+def _choices(f: Fields, ctx: ApiContext) -> int:
+    """The request's ``n``: how many choices, each one sequence of the batch (at most --max-batch)."""
+    n = f.number("n", 1, integer=True) or 1
+    cap = ctx.worker.batch.max_batch
+    if n > cap:
         raise ApiError(
             400,
-            f"n must be 1, got {n}: this server writes one answer per request (no batched sampling yet); "
-            "send n separate requests instead",
+            f"n must be at most {cap}, got {n}: this server decodes at most {cap} sequences together "
+            "(streamer serve --max-batch); lower n or send several requests",
             param="n",
         )
+    return n
 
 
 def _tool_choice(f: Fields, tools: list[dict] | None) -> tuple[str, list[str] | None]:

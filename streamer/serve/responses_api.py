@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from streamer.generation.constrained import tool_call_grammar
 from streamer.serve.api import (
+    Answered,
     ApiContext,
     ApiError,
     EventStream,
@@ -33,6 +34,7 @@ from streamer.serve.api import (
     make_job,
     render_chat,
     run_job,
+    think_close_id,
 )
 from streamer.serve.openai_api import response_format_grammar
 from streamer.serve.tool_calls import Delta, OutputParser
@@ -77,7 +79,7 @@ def create(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
     requested = f.number("max_output_tokens", 1, integer=True)
     budget = completion_budget(ctx.settings, len(prompt.ids), requested, "max_output_tokens", "input")
     rid = make_id("resp_")
-    constraint = make_constraint(ctx, grammar, prompt.thinking, grammar_param)
+    constraint = make_constraint(ctx, grammar, prompt.thinking, grammar_param, f.flag("ignore_eos"))
     job = make_job(
         ctx,
         f,
@@ -89,7 +91,8 @@ def create(body, ctx: ApiContext) -> JsonResponse | EventStream | None:
         label=rid,
         constraint=constraint,
     )
-    events = answer_events(run_job(ctx, job), OutputParser(prompt.thinking, tools), ctx.memory)
+    parser, think_close = OutputParser(prompt.thinking, tools), think_close_id(ctx, prompt.thinking)
+    events = answer_events(run_job(ctx, job), parser, ctx.memory, think_close)
     head = _head(rid, model, f, body, tools, requested, prompt.thinking)
     if f.flag("stream"):
         return EventStream(_stream(head, events))
@@ -342,13 +345,13 @@ def _part(item: dict) -> dict:
     return item["content"][0]
 
 
-def _finished(head: dict, output: _Output, finished: Finished) -> dict:
+def _finished(head: dict, output: _Output, finished: Answered) -> dict:
     u = finished.usage
     usage = {
         "input_tokens": u.prompt_tokens,
         "input_tokens_details": {"cached_tokens": u.cached_tokens},
         "output_tokens": u.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": finished.reasoning_tokens},
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     }
     incomplete = finished.reason == "length"

@@ -193,12 +193,67 @@ def test_response_format(scripted):
         assert body["error"]["param"] == "response_format"
 
 
-def test_n_above_one_says_why(scripted):
+def test_n_above_the_batch_says_why(scripted):
+    cap = scripted.worker.batch.max_batch
     for path, body in [("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "x"})]:
-        status, err = _post(scripted, path, {**body, "n": 3})
-        assert status == 400 and err["error"]["param"] == "n"
-        assert "n must be 1, got 3" in err["error"]["message"] and "batch" in err["error"]["message"]
-    assert _post(scripted, "/v1/completions", {"prompt": "x", "n": 1})[0] == 200
+        status, err = _post(scripted, path, {**body, "n": cap + 1})
+        assert status == 400 and err["error"]["param"] == "n", err
+        message = err["error"]["message"]
+        assert f"n must be at most {cap}, got {cap + 1}" in message and "--max-batch" in message
+        assert _post(scripted, path, {**body, "n": 0})[1]["error"]["param"] == "n"
+    scripted.script.pieces = ["ok"]
+    status, body = _post(scripted, "/v1/completions", {"prompt": "x", "n": cap})
+    assert status == 200 and [c["index"] for c in body["choices"]] == list(range(cap)), body
+
+
+def test_ignore_eos_with_a_constraint_is_refused_naming_both(scripted):
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    json_object = {"type": "json_object"}
+    for path, body, param in [
+        ("/v1/chat/completions", {"messages": USER, "response_format": json_object}, "response_format"),
+        ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": forced},
+         "tool_choice"),
+        ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format"),
+        (
+            "/v1/messages",
+            {"messages": USER, "max_tokens": 3, "tool_choice": {"type": "any"},
+             "tools": [{"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}]},
+            "tool_choice",
+        ),
+    ]:  # fmt: skip
+        status, err = _post(scripted, path, {**body, "ignore_eos": True})
+        message = err["error"]["message"]
+        assert status == 400 and "ignore_eos" in message and param in message, (path, err)
+        if path != "/v1/messages":
+            assert err["error"]["param"] == "ignore_eos"
+
+
+def test_reasoning_tokens_count_what_came_before_think_close(scripted):
+    scripted.script.pieces = ["Let ", "me ", "see.", "</think>", "\n\n", "Hi."]
+    r = oai(scripted).chat.completions.create(model="tiny", messages=USER)
+    assert r.usage.completion_tokens == 6 and r.usage.completion_tokens_details.reasoning_tokens == 3
+    r = oai(scripted).chat.completions.create(model="tiny", messages=USER, extra_body=OFF)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    with oai(scripted).chat.completions.create(
+        model="tiny", messages=USER, stream=True, stream_options={"include_usage": True}
+    ) as stream:
+        usage = [c.usage for c in stream if c.usage][0]
+    assert usage.completion_tokens_details.reasoning_tokens == 3
+
+
+def test_reasoning_tokens_of_the_model_end_at_its_think_close_token(server):
+    # The tiny random model rarely writes </think>: then every token is reasoning.
+    r = oai(server).chat.completions.create(
+        model="tiny", messages=USER, max_tokens=8, logprobs=True,
+        extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": True}}, **GREEDY,
+    )  # fmt: skip
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    before_close = tokens.index("</think>") if "</think>" in tokens else len(tokens)
+    assert r.usage.completion_tokens_details.reasoning_tokens == before_close
+    r = oai(server).chat.completions.create(
+        model="tiny", messages=USER, max_tokens=8, extra_body={"ignore_eos": True, **OFF}, **GREEDY
+    )
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -133,9 +133,12 @@ def test_reasoning_item_and_effort(scripted):
     assert reasoning.type == "reasoning" and reasoning.content[0].text == "I should greet."
     assert message.type == "message" and r.output_text == "Hi!"
     assert scripted.script.prompts[-1].endswith("<think>\n")
+    # The tokens before </think> (the scripted model writes one token per piece).
+    assert r.usage.output_tokens == 4 and r.usage.output_tokens_details.reasoning_tokens == 2
     scripted.script.pieces = ["Hi!"]
     r = oai(scripted).responses.create(model="tiny", input="Hello", reasoning={"effort": "none"})
     assert r.output_text == "Hi!" and "<think>\n\n</think>" in scripted.script.prompts[-1]
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
 
 
 def test_reasoning_streamed(scripted):
@@ -147,6 +150,7 @@ def test_reasoning_streamed(scripted):
     assert "response.reasoning_text.delta" in kinds and "response.output_text.delta" in kinds
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
     assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
+    assert events[-1].response.usage.output_tokens_details.reasoning_tokens == 1
 
 
 def test_tool_round_trip(scripted):
