@@ -2,7 +2,7 @@
 
     python tools/mutation.py                   # every core module, one after the other
     python tools/mutation.py tool_calls        # one module (names: --list)
-    python tools/mutation.py sampling --show   # also print the diff of each surviving mutant
+    python tools/mutation.py sampling --show   # also print each survivor's diff and equivalents row
 
 Each module runs in its own work directory under ``.mutation/NAME/`` (git-ignored): a generated
 ``pyproject.toml`` names the one file to mutate and the tests that exercise it, so mutmut copies the
@@ -40,7 +40,9 @@ TARGETS = {
     "tool_calls": Target(
         "streamer/serve/tool_calls.py", ("tests/test_tool_calls.py", "tests/test_tool_calls_edges.py")
     ),
-    "sampling": Target("streamer/generation/sampling.py", ("tests/test_sampling.py",)),
+    "sampling": Target(
+        "streamer/generation/sampling.py", ("tests/test_sampling.py", "tests/test_sampling_edges.py")
+    ),
     "slot_book": Target("streamer/experts/slot_book.py", ("tests/test_expert_cache.py",)),
     "policy": Target("streamer/experts/policy.py", ("tests/test_policy.py", "tests/test_expert_cache.py")),
     "expert_cache": Target("streamer/experts/expert_cache.py", ("tests/test_expert_cache.py",)),
@@ -81,10 +83,16 @@ def write_config(name: str, target: Target) -> Path:
         f"pytest_add_cli_args_test_selection = [{tests}]\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
         "use_git_change_detection = false\n"
+        # MLX deadlocks in a child forked after the parent evaluated anything: fork each mutant from a
+        # server that has only imported the heavy modules (importing evaluates nothing).
+        'process_isolation = "forkserver"\n'
+        'forkserver_warmup = "import"\n'
+        f'preload_modules_file = "{work / "preload.txt"}"\n'
         "\n[tool.pytest.ini_options]\n"
         'testpaths = ["tests"]\n'
         'markers = ["slow: tests that take more than a few seconds"]\n'
     )
+    (work / "preload.txt").write_text("mlx.core\nmlx.nn\nnumpy\npytest\nstreamer\n")
     return work
 
 
@@ -141,8 +149,10 @@ def run_module(name: str, fresh: bool, show: bool, children: int) -> dict[str, o
                 continue
             print(f"   stale equivalent (diff changed, re-triage): {key}")
         counts[status] = counts.get(status, 0) + 1
-        if status != "killed" and show:
+        if status == "survived" and show:
             print(mutmut(work, "show", key, quiet=True))
+            line = mutated_line(work, key).replace("|", "\\|")
+            print(f"   equivalents row, if it is one: | `{key}` | `{line}` | WHY |\n")
         elif status != "killed":
             print(f"   {status}: {key}")
     return {"module": name, **counts}
@@ -159,7 +169,8 @@ def print_table(rows: list[dict[str, object]]) -> None:
             f"{r['timeout']:>9}{r['no tests']:>10}{score:>8.1%}"
         )
     print(
-        "score = (killed + timeout) / (total - equivalent); timeouts count as killed (the tests did notice)"
+        "score = (killed + timeout) / (total - equivalent). timeout: the tests hung, or the test process"
+        " died (mutmut files an import-time crash under it too): either way the tests noticed"
     )
 
 
