@@ -44,7 +44,7 @@ RATIOS = (0.125, 0.25, 0.5)
 SEEDS = (0, 1, 2)
 STDLIB = Path(os.__file__).parent
 PROFILE_TEXTS = sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))[:8]
-WORK = Path("/tmp/streamer-bench-prune")
+WORK = Path("/tmp/streamer-bench-prune")  # one subdirectory per model
 CACHE_SHARE = 0.3
 
 
@@ -66,7 +66,10 @@ def greedy_agreement(pruned: Path, out: Path, ids: list[int], n: int) -> float:
     export_checkpoint(open_packed(pruned), out)
     model, _ = mlx_lm.load(str(out))
     want = [
-        int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=n, sampler=lambda lp: mx.argmax(lp))
+        int(t)
+        for t, _ in generate_step(
+            mx.array(ids), model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1)
+        )
     ]
     with load_engine(pruned, RuntimeConfig(dtype="float32")) as engine:
         cache = engine.model.make_cache()
