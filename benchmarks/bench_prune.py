@@ -80,7 +80,7 @@ def greedy_agreement(pruned: Path, out: Path, ids: list[int], n: int) -> float:
     return sum(a == b for a, b in zip(got, want, strict=True)) / n
 
 
-def bench_model(name: str, packed: Path, n_tokens: int, profile_tokens: int) -> list:
+def bench_model(name: str, packed: Path, n_tokens: int, profile_tokens: int, model_note: str = "") -> list:
     work = WORK / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -93,7 +93,7 @@ def bench_model(name: str, packed: Path, n_tokens: int, profile_tokens: int) -> 
         ids = held_out_ids(engine.tokenizer, n_tokens)
     n_prompt = 32
     base = run(packed, ids, cache, n_prompt)
-    config = f"{name}: {len(num_experts)}L x {num_experts[0]} experts top-{top_k}, f32"
+    config = f"{name}{model_note}: {len(num_experts)}L x {num_experts[0]} experts top-{top_k}, f32"
     note = (
         f"profile {profile.tokens} tokens of stdlib json+email (--reap); held-out {n_tokens - n_prompt} "
         f"teacher-forced decode positions of streamer/ sources; loss unpruned {compare(base, base)['loss_exact']:.4f}"
@@ -168,11 +168,14 @@ def main() -> None:
     ap.add_argument("--study", type=Path, default=STUDY, help="the packed routing-study model")
     ap.add_argument("--tokens", type=int, default=288, help="held-out tokens (32 of them the prompt)")
     ap.add_argument("--profile-tokens", type=int, default=8000)
+    ap.add_argument("--model-note", default="", help="appended to the model's name in results.tsv")
     ap.add_argument("--no-results", action="store_true", help="print only; do not append to results.tsv")
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, packed_model(name, args.study), args.tokens, args.profile_tokens)
+        rows += bench_model(
+            name, packed_model(name, args.study), args.tokens, args.profile_tokens, args.model_note
+        )
     if not args.no_results:
         append_results(rows)
 
