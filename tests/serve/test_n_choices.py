@@ -11,7 +11,7 @@ import http.client
 import json
 import time
 
-from tests.serve.helpers import GREEDY, oai, raw, stats
+from tests.serve.helpers import CALL, GREEDY, WEATHER_TOOL, oai, raw, stats
 
 OFF = {"chat_template_kwargs": {"enable_thinking": False}}
 USER = [{"role": "user", "content": "seven tigers"}]
@@ -131,3 +131,20 @@ def test_a_disconnect_cancels_every_choice(server):
     totals = stats(server)["totals"]
     assert totals["cancelled"] == before["cancelled"] + 3
     assert totals["completion_tokens"] - before["completion_tokens"] < 3 * 50000
+
+
+def test_each_choice_has_its_own_tool_calls_and_reasoning(scripted):
+    scripted.script.pieces = ["Need it.", "</think>", "\n\n", CALL]
+    r = oai(scripted).chat.completions.create(model="tiny", messages=USER, tools=[WEATHER_TOOL], n=2)
+    assert [c.finish_reason for c in r.choices] == ["tool_calls"] * 2
+    calls = [c.message.tool_calls[0] for c in r.choices]
+    assert [c.function.name for c in calls] == ["get_weather"] * 2 and calls[0].id != calls[1].id
+    assert [c.message.model_extra["reasoning_content"] for c in r.choices] == ["Need it."] * 2
+    assert r.usage.completion_tokens == 8 and r.usage.completion_tokens_details.reasoning_tokens == 2
+    streamed: dict[int, list] = {0: [], 1: []}
+    for chunk in oai(scripted).chat.completions.create(
+        model="tiny", messages=USER, tools=[WEATHER_TOOL], n=2, stream=True
+    ):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.tool_calls or []
+    assert [[t.function.name for t in streamed[i]] for i in (0, 1)] == [["get_weather"]] * 2
