@@ -210,6 +210,44 @@ def test_prefill_budget_keeps_each_prompt_cut_as_alone(engine, solo):
     assert [s.tokens for s in seqs] == solo
 
 
+def test_choices_of_one_request_share_one_prefill_and_equal_their_own_runs(engine):
+    """n choices: the followers adopt the leader's prompt state; each equals a lone run with its seed."""
+    prompt = PROMPTS[2]
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (7, 8, 9)]
+
+    def alone(p):
+        tokens = stream_generate(engine.model, _NoEos(), prompt, make_sampler(p), N_TOKENS)
+        return [r.token for r in tokens]
+
+    want = [alone(p) for p in params]
+    assert len({tuple(w) for w in want}) == 3  # the seeds really give different answers
+    counting = _CountingModel(engine.model)
+    scheduler = Scheduler(counting, max_batch=4, prefill_chunk=8)
+    leader = GenSequence(list(prompt), make_sampler(params[0]), N_TOKENS, engine.model.make_cache())
+    followers = [
+        GenSequence(list(prompt), make_sampler(p), N_TOKENS, engine.model.make_cache(), follows=leader)
+        for p in params[1:]
+    ]
+    _run(scheduler, {0: [leader, *followers]})
+    assert [s.tokens for s in (leader, *followers)] == want
+    assert [s.adopted for s in followers] == [True, True]
+    prefilled = sum(shape[1] for shape in counting.calls if shape[0] == 1)
+    assert prefilled == len(prompt)  # read once, in chunks of 8, for all three
+
+
+def test_followers_of_a_cancelled_leader_read_their_own_prompt(engine, solo):
+    scheduler = Scheduler(engine.model, max_batch=4, prefill_chunk=4)
+    leader = _seq(engine, PROMPTS[2])
+    follower = _seq(engine, PROMPTS[2], follows=leader)
+    scheduler.add(leader)
+    scheduler.add(follower)
+    scheduler.step()  # the leader has read one chunk of 4
+    leader.cancel()
+    _run(scheduler, {})
+    assert leader.finish_reason == "cancelled"
+    assert not follower.adopted and follower.tokens == solo[2]
+
+
 def test_prefill_chunks_interleave_with_running_decodes(engine):
     """While a long prompt is read chunk by chunk, a running sequence still gets one token per step."""
     scheduler = Scheduler(engine.model, max_batch=2, prefill_chunk=4)

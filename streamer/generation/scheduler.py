@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from streamer.generation.sampling import Sampler
-from streamer.models.layer_cache import batch_caches, ragged_caches
+from streamer.models.layer_cache import batch_caches, ragged_caches, restore_caches, snapshot_caches
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ class GenSequence:
     on_finish: Callable[[GenSequence], None] | None = None
     reserve_tokens: int | None = None
     label: str = ""
+    # Another sequence with the same prompt and the same starting state (another choice of one request):
+    # this one skips its own prefill and adopts that one's state and last logits when its prefill ends.
+    follows: GenSequence | None = None
 
     # Progress, written by the scheduler.
     fed: int = 0  # prompt tokens run through the model
@@ -80,6 +83,7 @@ class GenSequence:
     error: BaseException | None = None
     admitted_at: float | None = None
     first_token_at: float | None = None
+    adopted: bool = False  # the prompt's state came from the sequence it followed (no prefill of its own)
     _stop_reason: str | None = None
     _logits: mx.array | None = None  # the prompt's last logits, until the first token is sampled
 
@@ -232,6 +236,8 @@ class Scheduler:
         if seq.done:
             return
         seq.finish_reason, seq.error, seq._logits = reason, error, None
+        for follower in self._followers(seq):  # it left before its prompt was read: they read their own
+            follower.follows = None
         if seq in self.running:
             self.running.remove(seq)
             self.reserved_bytes -= self._reserved.pop(id(seq), 0)
@@ -263,7 +269,7 @@ class Scheduler:
         admission order while the pieces total at most ``prefill_chunk`` tokens."""
         group, total = [], 0
         for seq in self.running:
-            if not seq.prefilling or seq.done or seq._stop_reason is not None:
+            if not seq.prefilling or seq.done or seq._stop_reason is not None or seq.follows is not None:
                 continue
             n = self._piece_end(seq) - seq.fed
             if group and total + n > self.prefill_chunk:
@@ -291,6 +297,11 @@ class Scheduler:
                 seq.on_boundary(seq, end)
             if not seq.prefilling:
                 seq._logits = logits[i]
+                for follower in self._followers(seq):
+                    _adopt(follower, seq, logits[i])
+
+    def _followers(self, leader: GenSequence) -> list[GenSequence]:
+        return [s for s in (*self.running, *self.waiting) if s.follows is leader and not s.done]
 
     def _sample_first(self, seq: GenSequence) -> None:
         logits, seq._logits = seq._logits, None
@@ -318,6 +329,24 @@ class Scheduler:
             seq.on_token(seq, token, reason)
         if reason or seq._stop_reason is not None:
             self._finish(seq, reason or seq._stop_reason)
+
+
+def _adopt(follower: GenSequence, leader: GenSequence, logits: mx.array) -> None:
+    """Gives ``follower`` the state ``leader`` has right after its prompt, and the prompt's last logits.
+
+    The KV caches get their own copies; DeltaNet states are shared arrays, which is safe because a layer
+    replaces them (never writes into them) at every step.
+    """
+    if follower.prompt != leader.prompt or _cached_tokens(follower.cache) != _cached_tokens(
+        leader.cache
+    ) - len(leader.prompt):
+        follower.follows = None  # not the same request after all: it reads its own prompt
+        return
+    restore_caches(follower.cache, snapshot_caches(leader.cache))
+    follower.fed, follower._logits = len(follower.prompt), logits
+    follower.follows, follower.adopted = None, True
+    if follower.on_prefill:
+        follower.on_prefill(follower, follower.fed, len(follower.prompt))
 
 
 def _cached_tokens(cache: list) -> int:

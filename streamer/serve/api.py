@@ -440,6 +440,7 @@ def choice_jobs(job: Job, n: int, constraint: Callable[[], Constraint | None] = 
                 constraint=job.constraint if i == 0 else constraint(),
                 events=queue.Queue(),
                 cancelled=threading.Event(),
+                prefill_from=jobs[0] if jobs else None,  # the prompt is read once, for every choice
             )
         )
     return jobs

@@ -94,6 +94,9 @@ class Job:
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
     label: str = ""
     constraint: Constraint | None = None  # a grammar the answer must follow (JSON modes, forced tool calls)
+    # Another choice of the same request (same prompt), submitted first: this job adopts that one's prompt
+    # state instead of reading the prompt again, when it joins while that one is still reading it.
+    prefill_from: Job | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -159,6 +162,7 @@ class _Active:
         self.start = time.perf_counter()
         self.seq: GenSequence | None = None
         self.state: ModelState | None = None  # the last snapshot the job's cache descends from
+        self.begin_state: ModelState | None = None  # the snapshot the job started from
         self.prefilled = 0  # prompt tokens run through the model so far
 
     def token(
@@ -333,9 +337,14 @@ class GenerationWorker:
             return
         engine, ids = self.engine, job.prompt_ids
         cache = engine.model.make_cache()
-        if (hit := self.prefix_cache.lookup(ids)) is not None:
+        leader = self._leader_of(job)
+        if leader is not None:  # start where the other choice started; adopt its state after the prompt
+            active.state = leader.begin_state
+        elif (hit := self.prefix_cache.lookup(ids)) is not None:
             active.state = hit.state
+        if active.state is not None:
             restore_state(cache, active.state)
+        active.begin_state = active.state
         start = active.state.length if active.state else 0
         active.usage.cached_tokens, active.usage.prefilled_tokens = start, len(ids) - start
         sampler = make_sampler(job.sampling, context=ids)
@@ -352,6 +361,7 @@ class GenerationWorker:
             on_prefill=lambda s, done, total: setattr(active, "prefilled", done),
             on_finish=lambda s: self._on_finish(active),
             label=job.label,
+            follows=leader.seq if leader is not None else None,
         )  # fmt: skip
         active.seq = seq
         try:
@@ -361,6 +371,16 @@ class GenerationWorker:
             return
         with self._lock:
             self._active.append(active)
+
+    def _leader_of(self, job: Job) -> _Active | None:
+        """The running choice whose prompt state ``job`` can adopt: same prompt, still reading it."""
+        if job.prefill_from is None:
+            return None
+        for active in self._active:
+            seq = active.seq
+            if active.job is job.prefill_from and seq is not None and seq.prefilling and not seq.done:
+                return active if active.job.prompt_ids == job.prompt_ids else None
+        return None
 
     def _on_token(self, active: _Active, token: int, reason: str | None) -> None:
         text = "" if reason == "stop" else active.detok.add(token)
@@ -392,6 +412,8 @@ class GenerationWorker:
                 )
                 self._fail(active, f"generation failed: {type(e).__name__}: {e}")
             return
+        if seq.adopted:  # the prompt was read once, by the choice it followed
+            active.usage.cached_tokens, active.usage.prefilled_tokens = len(active.job.prompt_ids), 0
         if not seq.prefilling and seq.tokens:
             # The last sampled token was never fed: the cache holds the prompt and the tokens before it.
             self._remember([*active.job.prompt_ids, *seq.tokens[:-1]], seq.cache, active.state, priority=0)

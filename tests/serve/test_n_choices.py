@@ -46,6 +46,19 @@ def test_greedy_choices_are_the_single_answer_and_decode_in_one_batch(server):
     assert r.usage.total_tokens == r.usage.prompt_tokens + 3 * TOKENS
 
 
+def test_choices_read_the_prompt_once(server):
+    """The N choices share one prefill: the followers adopt the first choice's prompt state."""
+    before = stats(server)["totals"]
+    messages = [{"role": "user", "content": "a prompt no other test sends: basket quantum violin river"}]
+    r = oai(server).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, n=3, extra_body={"ignore_eos": True, **OFF, **GREEDY}
+    )
+    after = stats(server)["totals"]
+    prefilled = after["prefilled_tokens"] - before["prefilled_tokens"]
+    assert 0 < prefilled <= r.usage.prompt_tokens  # once, not three times
+    assert after["requests"] - before["requests"] == 3
+
+
 def test_seeded_chat_choices_are_the_derived_seeds_answers(server):
     r = _chat(server, 3, **SAMPLED)
     texts = [c.message.content for c in r.choices]
