@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--tokens", type=int, default=12, help="decode steps per stream")
     parser.add_argument("--layers", type=int, default=2, help="full-width layers")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds; the best of each is kept")
     parser.add_argument("--work", type=Path, default=Path("scratch/bench_batching"))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -106,15 +107,22 @@ def main() -> None:
         bf16_packed, f32_src = pairs["bf16"][1], pairs["f32"][0]
         note0 = load_note()
         results = {}
-        for b in batches:
-            for share in (0.1, 1.0):
-                results[("streamer", share, b)] = child(
-                    _STREAMER, bf16_packed, json.dumps(PROMPT), args.tokens, b, share
-                )
-            if peer:
-                results[("mlx-lm", 1.0, b)] = child(_MLX_LM, f32_src, json.dumps(PROMPT), args.tokens, b)
-            print(name, b, {k: v for k, v in results.items() if k[2] == b}, flush=True)
-        note = f"{args.tokens} decode steps per stream; {note0} -> {load_note()}"
+
+        def keep_best(key, r, results=results):  # shared cores stall runs at random: keep the fastest
+            if key not in results or r["tps"] > results[key]["tps"]:
+                results[key] = r
+
+        for _ in range(args.rounds):  # rounds alternate every configuration
+            for b in batches:
+                for share in (0.1, 1.0):
+                    keep_best(
+                        ("streamer", share, b),
+                        child(_STREAMER, bf16_packed, json.dumps(PROMPT), args.tokens, b, share),
+                    )
+                if peer:
+                    keep_best(("mlx-lm", 1.0, b), child(_MLX_LM, f32_src, json.dumps(PROMPT), args.tokens, b))
+                print(name, b, {k: v for k, v in results.items() if k[2] == b}, flush=True)
+        note = f"{args.tokens} decode steps per stream, best of {args.rounds} alternated rounds; {note0} -> {load_note()}"
         base = {key[:2]: results[(*key[:2], batches[0])]["tps"] for key in results}
         for (engine, share, b), r in sorted(results.items()):
             cache = "every expert cached" if share >= 1 else "10% expert cache"

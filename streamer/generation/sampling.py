@@ -118,6 +118,15 @@ class TokenSampler:
         seed = params.seed if params.seed is not None else _fresh_seed()
         self._key = None if params.greedy else mx.random.key(seed)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits (no penalties): a batch's rows can share one argmax call."""
+        return self._key is None and not self.params.penalized
+
+    def accept(self, token: int) -> None:
+        """Records a token picked for this sampler elsewhere (a batch's shared argmax)."""
+        self._recent.append(token)
+
     def reset_context(self, ids: Iterable[int]) -> None:
         self._recent.clear()
         self._recent.extend(ids)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from streamer.generation.sampling import Sampler
+from streamer.generation.sampling import Sampler, TokenSampler
 from streamer.models.layer_cache import batch_caches, ragged_caches, restore_caches, snapshot_caches
 
 log = logging.getLogger(__name__)
@@ -316,8 +316,15 @@ class Scheduler:
         self.decode_steps += 1
         self.decoded_tokens += len(seqs)
         self.largest_batch = max(self.largest_batch, len(seqs))
+        # Greedy rows without penalties share one argmax and one sync (the same ids as row by row).
+        plain = [isinstance(s.sampler, TokenSampler) and s.sampler.plain_greedy for s in seqs]
+        argmax = mx.argmax(logits, axis=-1).tolist() if sum(plain) > 1 else None
         for i, seq in enumerate(seqs):
-            self._guarded([seq], self._sample, seq, logits[i])
+            if argmax is not None and plain[i]:
+                seq.sampler.accept(argmax[i])
+                self._guarded([seq], self._take, seq, argmax[i])
+            else:
+                self._guarded([seq], self._sample, seq, logits[i])
 
     def _sample(self, seq: GenSequence, logits: mx.array) -> None:
         self._take(seq, seq.sampler(logits.astype(mx.float32)))
