@@ -7,7 +7,7 @@
 Each module runs in its own work directory under ``.mutation/NAME/`` (git-ignored): a generated
 ``pyproject.toml`` names the one file to mutate and the tests that exercise it, so mutmut copies the
 package into ``.mutation/NAME/mutants/`` and never touches the working tree. A re-run reuses the
-results of mutants whose function did not change; ``--fresh`` starts over.
+results only while neither the module nor its tests changed; ``--fresh`` starts over anyway.
 
 Surviving mutants that cannot be killed (the mutated program behaves the same) are listed with a reason
 in ``tests/mutation_equivalents.md``; the table counts them apart and scores killed / (total − equivalent).
@@ -17,6 +17,7 @@ A listed mutant whose diff no longer matches the recorded one is reported as sta
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -36,6 +37,8 @@ class Target:
     tests: tuple[str, ...]  # what pytest runs for it (only these: the rest of the suite is too slow)
 
 
+EXPERT_EDGES = ("tests/test_expert_cache_edges.py",)
+STORAGE_EDGES = ()
 TARGETS = {
     "tool_calls": Target(
         "streamer/serve/tool_calls.py", ("tests/test_tool_calls.py", "tests/test_tool_calls_edges.py")
@@ -43,15 +46,11 @@ TARGETS = {
     "sampling": Target(
         "streamer/generation/sampling.py", ("tests/test_sampling.py", "tests/test_sampling_edges.py")
     ),
-    "slot_book": Target("streamer/experts/slot_book.py", ("tests/test_expert_cache.py",)),
-    "policy": Target("streamer/experts/policy.py", ("tests/test_policy.py", "tests/test_expert_cache.py")),
-    "expert_cache": Target("streamer/experts/expert_cache.py", ("tests/test_expert_cache.py",)),
-    "packed_format": Target(
-        "streamer/storage/packed_format.py", ("tests/repack/test_verify.py", "tests/test_damaged_copies.py")
-    ),
-    "verify": Target(
-        "streamer/storage/verify.py", ("tests/repack/test_verify.py", "tests/test_damaged_copies.py")
-    ),
+    "slot_book": Target("streamer/experts/slot_book.py", ("tests/test_expert_cache.py", *EXPERT_EDGES)),
+    "policy": Target("streamer/experts/policy.py", ("tests/test_policy.py", *EXPERT_EDGES)),
+    "expert_cache": Target("streamer/experts/expert_cache.py", ("tests/test_expert_cache.py", *EXPERT_EDGES)),
+    "packed_format": Target("streamer/storage/packed_format.py", ("tests/repack", *STORAGE_EDGES)),
+    "verify": Target("streamer/storage/verify.py", ("tests/repack", *STORAGE_EDGES)),
     "gated_delta": Target("streamer/models/gated_delta.py", ("tests/test_gated_delta.py",)),
     "repack": Target("streamer/storage/repack.py", ("tests/repack",)),
 }
@@ -96,6 +95,16 @@ def write_config(name: str, target: Target) -> Path:
     return work
 
 
+def inputs_digest(target: Target) -> str:
+    """A hash of the module and every test file that runs against it."""
+    h = hashlib.sha256()
+    for entry in (target.path, *target.tests):
+        root = ROOT / entry
+        for f in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def mutmut(work: Path, *args: str, quiet: bool = False) -> str:
     cmd = [sys.executable, "-c", "from mutmut.__main__ import cli; cli()", *args]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -130,10 +139,15 @@ def mutated_line(work: Path, name: str) -> str:
 def run_module(name: str, fresh: bool, show: bool, children: int) -> dict[str, object]:
     target = TARGETS[name]
     work = write_config(name, target)
-    if fresh:
+    # mutmut keeps a survivor's verdict while the test names it knows stay the same, even when a test's
+    # body changed: start over whenever the module or any of its tests changed.
+    stamp = work / "inputs.sha256"
+    digest = inputs_digest(target)
+    if fresh or not stamp.exists() or stamp.read_text() != digest:
         shutil.rmtree(work / "mutants", ignore_errors=True)
     print(f"== {name}: {target.path} against {' '.join(target.tests)}", flush=True)
     mutmut(work, "run", "--max-children", str(children), quiet=True)
+    stamp.write_text(digest)
     statuses = {}
     for line in mutmut(work, "results", "--all", "true", quiet=True).splitlines():
         key, _, status = line.strip().rpartition(": ")
