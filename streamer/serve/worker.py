@@ -293,6 +293,8 @@ class GenerationWorker:
             self._load_error = e
             self._ready.set()
             return
+        if hasattr(self.engine, "stats"):  # /v1/stats shows the cache and routing from the start
+            self._engine_stats = self.engine.stats()
         self._ready.set()
         try:
             if self._scripted:
