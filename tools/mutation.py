@@ -38,7 +38,7 @@ class Target:
 
 
 EXPERT_EDGES = ("tests/test_expert_cache_edges.py",)
-STORAGE_EDGES = ()
+STORAGE_EDGES = ("tests/test_packed_format_edges.py",)
 TARGETS = {
     "tool_calls": Target(
         "streamer/serve/tool_calls.py", ("tests/test_tool_calls.py", "tests/test_tool_calls_edges.py")
