@@ -3,14 +3,16 @@ progress counts, resident and copied-file damage, the repair hint, every check l
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import zlib
 
 import pytest
 
 from streamer.errors import PackedFormatError
 from streamer.storage import verify
 from streamer.storage.packed import read_manifest
-from streamer.storage.packed_format import RESIDENT_FILE
+from streamer.storage.packed_format import RESIDENT_FILE, Component, make_layer_entry, pack_layer_header
 from streamer.storage.safetensors_file import read_header
 from streamer.storage.verify import packed_checks, verify_layer_file, verify_packed, verify_resident_file
 from tests.repack.helpers import _flip, _tree
@@ -107,3 +109,59 @@ def test_checks_cover_every_file_once_in_order(packed):
         except PackedFormatError:
             failing.append(part)
     assert failing == [2]
+
+
+def test_verify_hint_names_the_packed_directory(packed):
+    entry = read_manifest(packed).layers[0]
+    _flip(packed / entry.file, entry.block_offset(0))
+    with pytest.raises(PackedFormatError, match=f'"streamer repack SRC {packed}"'):
+        verify_packed(packed)
+
+
+def _hand_made_layer(tmp_path, padding_byte_at=None):
+    """A layer file written byte by byte from the format (not by repack): components of 8 and 100 bytes,
+    so the block has padding between them ([8, 64)) and after them ([164, 16384))."""
+    comps = [
+        Component("a.scales", "t.a", "U8", (8,), 0, 8),
+        Component("b.weight", "t.b", "U8", (100,), 0, 100),
+    ]
+    entry = make_layer_entry(0, 3, comps)
+    blocks = bytearray(entry.expert_bytes)
+    crcs = []
+    for e in range(3):
+        row = []
+        for c in entry.components:
+            data = bytes((e * 31 + i) % 251 for i in range(c.nbytes))
+            start = entry.block_bytes * e + c.offset
+            blocks[start : start + c.nbytes] = data
+            row.append(zlib.crc32(data))
+        crcs.append(tuple(row))
+    if padding_byte_at is not None:
+        blocks[entry.block_bytes + padding_byte_at] = 1  # expert 1
+    entry = dataclasses.replace(entry, crc32=tuple(crcs))
+    file = tmp_path / "layer_000.bin"
+    file.write_bytes(pack_layer_header(entry) + bytes(blocks))
+    return file, entry
+
+
+@pytest.mark.parametrize("where", [8, 63, 164, 16383])
+def test_padding_anywhere_in_a_block_is_checked(tmp_path, where):
+    file, entry = _hand_made_layer(tmp_path)
+    assert entry.padding() == [(8, 64), (164, 16384)]
+    verify_layer_file(file, entry)
+    file, entry = _hand_made_layer(tmp_path, padding_byte_at=where)
+    with pytest.raises(PackedFormatError, match="layer 0 expert 1: non-zero bytes in block padding"):
+        verify_layer_file(file, entry)
+
+
+def test_a_resident_file_shorter_than_its_tensors_is_a_short_read(packed, monkeypatch):
+    m = read_manifest(packed)
+    header = read_header(packed / RESIDENT_FILE)[0]
+    name = max(header, key=lambda n: header[n].offset)
+    # The file shrinks after its size and header were checked.
+    tensors = verify._read_resident_header(packed / RESIDENT_FILE)
+    monkeypatch.setattr(verify, "_check_size", lambda file, size: None)
+    monkeypatch.setattr(verify, "_read_resident_header", lambda file: tensors)
+    os.truncate(packed / RESIDENT_FILE, header[name].offset + 1)
+    with pytest.raises(PackedFormatError, match=f"resident.safetensors: short read in tensor '{name}'$"):
+        verify_resident_file(packed / RESIDENT_FILE, m.resident_bytes, m.resident_crc32)
