@@ -8,10 +8,12 @@ then the following tokens fed one at a time as decode steps, so a weak model's g
 reuse). Input: random token ids for the random-weight presets; Python source (the stdlib's own files,
 what the demo was trained on) for the demo. The trace is replayed through a global cache of N expert
 slots (one pool shared by all layers, as the runtime's pool for one block shape) at several capacities:
-  LRU          the runtime's policy, step for step (streamer.cache_sim.simulate_lru);
+  LRU          the --cache-policy lru eviction, step for step (streamer.tuning.cache_sim.simulate_lru; the
+               default policy is lfu since session 2: bench_trained_routing.py compares them all);
   LRU-1pass    the older one-pass order (hits and misses interleaved), for comparison;
   optimal      Belady's MIN: evict the expert needed farthest in the future.
-Hit rates count decode steps; the prefill warms the cache first. Goal: LRU / optimal >= 0.85.
+Hit rates count decode steps; the prefill warms the cache first. (Issue 16 measured the default policy
+against optimal instead: bench_trained_routing.py.)
 
 Prediction: the same tokens run twice at one capacity (cold cache, direct I/O) with --prefetch parallel
 and --prefetch predict; compared over the same decode steps: prediction accuracy, misses whose read started
