@@ -291,3 +291,26 @@ def test_header_must_agree_with_the_manifest():
     with pytest.raises(PackedFormatError, match="non-zero bytes in the header padding"):
         check_layer_header(dirty, entry, PATH)
     check_layer_header(raw, entry, PATH)
+
+
+def test_layer_entries_must_agree_with_their_own_table():
+    def load(edit):
+        doc = json.loads(_manifest(layers=2).to_json_bytes())
+        edit(doc["layers"][1])
+        with pytest.raises(PackedFormatError) as err:
+            Manifest.from_json_bytes(json.dumps(doc).encode(), PATH)
+        return str(err.value)
+
+    bad_file = load(lambda layer: layer.update(file="experts/layer_009.bin"))
+    assert "layer 1: file 'experts/layer_009.bin'/49152 disagrees with its table" in bad_file
+    bad_size = load(lambda layer: layer.update(file_bytes=49153))
+    assert "layer 1: file 'experts/layer_001.bin'/49153 disagrees with its table" in bad_size
+    bad_rows = load(lambda layer: layer.update(crc32=layer["crc32"][:1]))
+    assert "layer 1: 1 crc rows, 2 experts" in bad_rows
+
+
+def test_a_later_data_offset_round_trips():
+    m = _manifest()
+    m = dataclasses.replace(m, layers=(dataclasses.replace(m.layers[0], data_offset=32768),))
+    back = Manifest.from_json_bytes(m.to_json_bytes(), PATH)
+    assert back.layers[0].data_offset == 32768 and back.layers[0].file_bytes == 32768 + 2 * 16384
