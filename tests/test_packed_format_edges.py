@@ -314,3 +314,29 @@ def test_a_later_data_offset_round_trips():
     m = dataclasses.replace(m, layers=(dataclasses.replace(m.layers[0], data_offset=32768),))
     back = Manifest.from_json_bytes(m.to_json_bytes(), PATH)
     assert back.layers[0].data_offset == 32768 and back.layers[0].file_bytes == 32768 + 2 * 16384
+
+
+def test_padding_from_the_block_start_and_none_when_components_fill_it():
+    late = LayerEntry(0, 1, 16384, (dataclasses.replace(GATE, offset=64),))
+    assert late.padding() == [(0, 64), (192, 16384)]
+    full = LayerEntry(0, 1, 16384, (dataclasses.replace(GATE, shape=(4, 1024), nbytes=16384),))
+    assert full.padding() == []
+
+
+def test_boundary_layer_tables():
+    check_layer_entry(_bad_entry(num_experts=1, crc32=((1, 2),)), PATH)  # one expert is a layer too
+    overlap = (GATE, dataclasses.replace(SCALES, offset=64))  # aligned, inside gate_proj.weight's bytes
+    with pytest.raises(PackedFormatError, match=r"gate_proj.scales: bytes \[64, 72\) overlap"):
+        check_layer_entry(_bad_entry(components=overlap), PATH)
+
+
+def test_boundary_headers():
+    entry = _entry(layer=5)
+    raw = pack_layer_header(entry)
+    size = 40 + 2 * 56 + 4
+    assert unpack_layer_header(raw[:size], PATH)["header_size"] == size  # the header alone suffices
+    with pytest.raises(PackedFormatError, match="header of 2 components does not fit before byte 16384"):
+        unpack_layer_header(raw[:40], PATH)  # the fixed fields only
+    # A header whose data starts right after it (a reader does not require 16 KiB here).
+    snug = _patched(raw, 24, struct.pack("<Q", size))
+    assert unpack_layer_header(snug, PATH)["data_offset"] == size
