@@ -312,17 +312,19 @@ class Scheduler:
         tokens = mx.array([[s.tokens[-1]] for s in seqs])  # [B, 1]
         cache = seqs[0].cache if len(seqs) == 1 else batch_caches([s.cache for s in seqs])
         logits = self.model(tokens, cache=cache)[:, -1, :]  # [B, V]
-        mx.eval(logits)
+        # Greedy rows without penalties take their ids from one argmax over the batch, evaluated with the
+        # logits: one host sync per step (the same ids the samplers would pick row by row).
+        plain = [isinstance(s.sampler, TokenSampler) and s.sampler.plain_greedy for s in seqs]
+        argmax = mx.argmax(logits, axis=-1) if any(plain) else None
+        mx.eval(logits, *([argmax] if argmax is not None else []))
+        ids = argmax.tolist() if argmax is not None else None
         self.decode_steps += 1
         self.decoded_tokens += len(seqs)
         self.largest_batch = max(self.largest_batch, len(seqs))
-        # Greedy rows without penalties share one argmax and one sync (the same ids as row by row).
-        plain = [isinstance(s.sampler, TokenSampler) and s.sampler.plain_greedy for s in seqs]
-        argmax = mx.argmax(logits, axis=-1).tolist() if sum(plain) > 1 else None
         for i, seq in enumerate(seqs):
-            if argmax is not None and plain[i]:
-                seq.sampler.accept(argmax[i])
-                self._guarded([seq], self._take, seq, argmax[i])
+            if plain[i]:
+                seq.sampler.accept(ids[i])
+                self._guarded([seq], self._take, seq, ids[i])
             else:
                 self._guarded([seq], self._sample, seq, logits[i])
 
