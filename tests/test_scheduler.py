@@ -8,9 +8,12 @@ One test breaks the batching on purpose and shows the comparison catches it.
 
 from __future__ import annotations
 
+import errno
+
 import mlx.core as mx
 import pytest
 
+from streamer.errors import StreamerError
 from streamer.generation.generate import stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler
 from streamer.generation.scheduler import GenSequence, MemoryBudgetError, Scheduler
@@ -332,3 +335,30 @@ def test_each_layer_reads_the_union_of_the_batch_once_per_step(packed):
     decode_calls = [rows for _, rows in calls if rows > 1 and rows <= 4]
     # The 3 decode steps after every prompt was read route 4 rows at once in every layer.
     assert decode_calls.count(4) >= 3 * layers
+
+
+def test_a_failed_expert_read_fails_the_batch_that_needed_it_and_the_next_batch_is_clean(packed, solo):
+    """A read error mid-batch fails every row of that model call (their state is unknown), cleanly."""
+    with load_engine(packed, RuntimeConfig(cache_experts=8)) as engine:
+        armed = {"on": False}
+
+        def fault(layer, expert):
+            if armed["on"]:
+                armed["on"] = False
+                raise OSError(errno.EIO, "injected")
+
+        engine.runtime.store.fault = fault
+        scheduler = Scheduler(engine.model, max_batch=3, prefill_chunk=64)
+        seqs = [_seq(engine, p) for p in PROMPTS[:3]]
+        for s in seqs:
+            scheduler.add(s)
+        while scheduler.decode_steps < 2 or any(s.prefilling for s in seqs):
+            scheduler.step()
+        armed["on"] = True
+        scheduler.run_until_done()
+        assert [s.finish_reason for s in seqs] == ["error"] * 3
+        assert all(isinstance(s.error, StreamerError) and "injected" in str(s.error) for s in seqs)
+        assert engine.runtime.cache.pinned_count() == 0
+        again = [_seq(engine, p) for p in PROMPTS[:3]]
+        _run(scheduler, {0: again})
+    assert [s.tokens for s in again] == solo[:3]
