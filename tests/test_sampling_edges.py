@@ -108,3 +108,11 @@ def test_model_defaults_read_generation_config():
     for bad in (0, -1, True, 2.0, "5"):
         with pytest.raises(ConfigError, match="^generation_config.json: max_new_tokens must be a positive"):
             model_max_tokens({"max_new_tokens": bad}, 77)
+
+
+def test_accepted_tokens_join_the_penalty_context():
+    # A token picked elsewhere (a batch's shared argmax) is penalised like one this sampler picked:
+    # token 1 (logit 3) minus presence 2 = 1 < token 2's 2.
+    sample = make_sampler(SamplingParams(0.0, presence_penalty=2.0))
+    sample.accept(1)
+    assert sample(LOGITS) == 2
