@@ -17,6 +17,7 @@ LAYERS = [
     "experts",
     "settings",
     "loader",
+    "distributed",
     "generation",
     "serve",
     "tuning",

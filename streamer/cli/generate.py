@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from streamer.cli.options import open_engine, sampling_options, with_runtime
+from streamer.cli.options import sampling_options, with_runtime
+from streamer.cli.pipeline import open_engine_for_rank, pipeline_options
 from streamer.errors import ConfigError
 from streamer.generation.generate import stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler, model_thinks_by_default
@@ -47,10 +48,11 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: token_ids, text, stats.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print a cache / I/O summary to stderr.")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), help="Write routing as JSON lines.")
+@pipeline_options
 @with_runtime
 def generate(
     model, prompt, prompt_ids, raw, think, max_tokens, seed,
-    as_json, show_stats, trace, runtime, resident, sampling_overrides,
+    as_json, show_stats, trace, runtime, resident, sampling_overrides, pipeline,
 ):  # fmt: skip
     """Generate text from MODEL (a packed model, a hub id packed before, or the demo when omitted).
 
@@ -69,7 +71,7 @@ def generate(
     given = {name: value for name, value in sampling_overrides.items() if value is not None}
     params = SamplingParams(**given, seed=seed)
     prompt_ids = None if prompt_ids is None else _parse_ids(prompt_ids)
-    with open_engine(model, runtime, resident) as engine:
+    with open_engine_for_rank(model, runtime, resident, pipeline) as engine:
         tok = engine.tokenizer
         if engine.routing["mode"] != "exact" and not as_json:  # --json carries it in stats.routing
             click.echo(describe_routing(engine.routing), err=True)

@@ -71,19 +71,21 @@ class ExpertRuntime:
         dtype: mx.Dtype | None = None,
         verify_reads: bool = False,
         policy: str = DEFAULT_POLICY,
+        layers: Sequence[int] | None = None,
     ):
         self.packed = packed
+        # A pipeline stage holds only its own layers' pools and files (None: every layer).
+        self.entries = packed.manifest.layers if layers is None else [packed.manifest.layers[i] for i in layers]
         self.prefetch_mode = prefetch
         self.min_slots = min_slots
         # Slots hold floats for the model's compute dtype (as the resident model's experts; see load._cast).
         self.dtype = dtype or default_dtype()
-        layers = packed.manifest.layers
-        shapes = {e.layer: block_shape_of(e, self.dtype) for e in layers}
-        experts = {e.layer: e.num_experts for e in layers}
+        shapes = {e.layer: block_shape_of(e, self.dtype) for e in self.entries}
+        experts = {e.layer: e.num_experts for e in self.entries}
         self.cache = ExpertCache(shapes, experts, cache_bytes, min_slots, policy=policy)
         self._tables: dict[int, mx.array] = {}
         self._tables_generation = -1
-        self.store = ExpertStore(packed, io_mode, fault=fault, verify=verify_reads)
+        self.store = ExpertStore(packed, io_mode, fault=fault, verify=verify_reads, layers=layers)
         self.readers = ReaderPool(self._fill, threads)
         self.io_timeout_s = io_timeout_s
         self.stats = StreamStats()
@@ -282,7 +284,7 @@ class ExpertRuntime:
     def preload(self) -> int:
         """Reads experts into the cache, layer by layer, until it is full; returns experts loaded."""
         loaded = 0
-        for entry in self.packed.manifest.layers:
+        for entry in self.entries:
             room = self.cache.pool(entry.layer).slots - self.cache.used_slots(entry.layer)
             todo = [e for e in range(entry.num_experts) if (entry.layer, e) not in self.cache][:room]
             for start in range(0, len(todo), self.min_slots):

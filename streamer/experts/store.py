@@ -54,6 +54,7 @@ class ExpertStore:
         io_mode: "buffered" or "direct".
         verify: check each component read against the manifest's CRC-32 (``--verify-reads``).
         fault: test hook called as ``fault(layer, expert)`` before every read (may raise or sleep).
+        layers: the layers whose files to open (a pipeline stage); None = every layer.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class ExpertStore:
         io_mode: str = "buffered",
         fault: Callable | None = None,
         verify: bool = True,
+        layers: Sequence[int] | None = None,
     ):
         if io_mode not in IO_MODES:
             raise ValueError(f"io mode must be one of {', '.join(IO_MODES)}, got {io_mode!r}")
@@ -70,8 +72,9 @@ class ExpertStore:
         self.fault = fault
         self.verify = verify
         self._local = threading.local()
-        self._fds = [self._open(packed.path / entry.file) for entry in packed.manifest.layers]
-        self._scratch = bytearray(max(_max_gap(e) for e in packed.manifest.layers) or 1)
+        entries = packed.manifest.layers if layers is None else [packed.manifest.layers[i] for i in layers]
+        self._fds = {entry.layer: self._open(packed.path / entry.file) for entry in entries}
+        self._scratch = bytearray(max(_max_gap(e) for e in entries) or 1)
 
     def _open(self, path) -> int:
         flags = os.O_RDONLY
@@ -161,9 +164,9 @@ class ExpertStore:
         return memoryview(buf)
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in self._fds.values():
             os.close(fd)
-        self._fds = []
+        self._fds = {}
 
 
 def _max_gap(entry: LayerEntry) -> int:
