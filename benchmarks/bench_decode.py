@@ -8,7 +8,7 @@ Every model runs in both layouts: "bf16", as published (bfloat16 scales, biases 
 as every mlx-community 4-bit upload; the demo is the shipped trained checkpoint, streamer/assets/demo) and
 "f32", the same checkpoint with every bfloat16 tensor widened to float32 (exact; common.widen_checkpoint).
 
-P1 (all experts cached, preloaded): streamer decode tok/s on each layout (float32 activations, its CPU
+P1 (all experts cached, preloaded): streamer decode tok/s (stream_generate: the loop `generate` runs) on each layout (float32 activations, its CPU
    default) ÷ mlx-lm on the f32 variant (float32 activations): the reference, since bf16 matmuls on MLX's
    CPU backend are several times slower. mlx-lm on the bf16 layout (bfloat16 activations: what users run)
    is measured in the same alternation and recorded too. Greedy tokens are compared with the reference's.
@@ -69,17 +69,20 @@ preload = opts.pop("preload")
 engine = load_engine(path, RuntimeConfig(**opts))
 if preload:
     engine.runtime.preload()
-cache = engine.model.make_cache()
-logits = engine.model(mx.array([prompt]), cache=cache)[0, -1]
-mx.eval(logits)
+# What `streamer generate` runs: stream_generate on the scheduler (greedy, EOS ignored), timed per token.
+from streamer.generation.generate import stream_generate
+from streamer.generation.sampling import SamplingParams, make_sampler
+class _NoEos:
+    eos_token_ids = frozenset()
+    def detokenizer(self):
+        return engine.tokenizer.detokenizer()
+stream = stream_generate(engine.model, _NoEos(), prompt, make_sampler(SamplingParams()), n)
+first = next(stream)  # the prefill's token
 before = engine.stats()
 times = [time.perf_counter()]
-token = int(mx.argmax(logits).item())
-tokens = [token]
-for _ in range(n - 1):
-    logits = engine.model(mx.array([[token]]), cache=cache)[0, -1]
-    token = int(mx.argmax(logits).item())
-    tokens.append(token)
+tokens = [first.token]
+for r in stream:
+    tokens.append(r.token)
     times.append(time.perf_counter())
 after = engine.stats()
 steps = len(times) - 1
@@ -90,7 +93,7 @@ print(json.dumps({
     "hits_per_token": (after["cache_hits"] - before["cache_hits"]) / steps,
     "hits": after["cache_hits"] - before["cache_hits"],
     "misses": after["cache_misses"] - before["cache_misses"],
-    "activation": str(logits.dtype),
+    "activation": str(engine.model.dtype),
     "tokens": tokens,
     "stall_s_per_token": (after["stall_s"] - before["stall_s"]) / steps,
     "cache_bytes": after["cache_bytes"],

@@ -362,3 +362,59 @@ def test_a_failed_expert_read_fails_the_batch_that_needed_it_and_the_next_batch_
         again = [_seq(engine, p) for p in PROMPTS[:3]]
         _run(scheduler, {0: again})
     assert [s.tokens for s in again] == solo[:3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pipelining: the next decode step is built on this one's lazy greedy ids while this one computes.
+
+
+@pytest.fixture(scope="module")
+def resident(packed):
+    """The same model with every expert resident: a decode step is one lazy graph, so steps pipeline."""
+    with load_engine(packed.parent / "src", resident=True) as e:
+        yield e
+
+
+def _offsets(seq) -> set[int]:
+    return {c.offset for c in seq.cache}
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_pipelined_steps_give_the_same_tokens_and_leave_exact_caches(resident, solo, max_batch):
+    scheduler = Scheduler(resident.model, max_batch=max_batch, prefill_chunk=64)
+    seqs = [_seq(resident, p, max_tokens=N_TOKENS + i) for i, p in enumerate(PROMPTS)]
+    _run(scheduler, {0: seqs})
+    assert scheduler.pipelined_steps > 0
+    for i, seq in enumerate(seqs):
+        assert seq.tokens[:N_TOKENS] == solo[i]
+        # The last sampled token is never fed: a step built ahead for it was undone.
+        assert _offsets(seq) == {len(seq.prompt) + len(seq.tokens) - 1}
+
+
+def test_a_stop_and_a_consumer_that_leaves_undo_the_step_built_ahead(resident, solo):
+    scheduler = Scheduler(resident.model, max_batch=2, prefill_chunk=64)
+    stopped = _seq(resident, PROMPTS[0], max_tokens=100)
+    stopped.on_token = lambda seq, token, reason: seq.stop() if len(seq.tokens) == 5 else None
+    other = _seq(resident, PROMPTS[1], max_tokens=100)
+    scheduler.add(stopped)
+    scheduler.add(other)
+    while not stopped.done:
+        scheduler.step()
+    assert stopped.tokens == solo[0][:5] and _offsets(stopped) == {len(PROMPTS[0]) + 4}
+    assert scheduler.pipelined_steps > 0
+    other.cancel()
+    scheduler.step()
+    assert _offsets(other) == {len(PROMPTS[1]) + len(other.tokens) - 1}
+
+    cache = resident.model.make_cache()
+    stream = stream_generate(resident.model, _NoEos(), PROMPTS[2], make_sampler(GREEDY), 50, cache=cache)
+    got = [next(stream).token for _ in range(6)]
+    stream.close()
+    assert got == solo[2][:6] and {c.offset for c in cache} == {len(PROMPTS[2]) + 5}
+
+
+def test_pipelining_off_gives_the_same(resident, solo):
+    scheduler = Scheduler(resident.model, max_batch=4, prefill_chunk=64, pipeline=False)
+    seqs = [_seq(resident, p) for p in PROMPTS]
+    _run(scheduler, {0: seqs})
+    assert scheduler.pipelined_steps == 0 and [s.tokens for s in seqs] == solo

@@ -77,8 +77,13 @@ class StreamedExperts:
         self._proj = [_PoolProjection(pool.arrays, entry, n) for n in ("gate_proj", "up_proj", "down_proj")]
         self._capacity = pool.slots
 
+    @property
+    def lazy(self) -> bool:
+        """Whether a call adds to the graph without a host sync (every expert cached, no routing hook)."""
+        return self.runtime.on_route is None and self.runtime.all_cached()
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        if self.runtime.on_route is None and self.runtime.all_cached():
+        if self.lazy:
             return self._all_cached(x, indices)
         guess = self._guess_next(x)
         if guess is not None:

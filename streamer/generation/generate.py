@@ -94,9 +94,12 @@ def stream_generate(
     )  # fmt: skip
     scheduler = Scheduler(model, max_batch=1, prefill_chunk=prefill_chunk)
     scheduler.add(seq)
-    while not seq.done:
-        scheduler.step()
-        if seq.error is not None:
-            raise seq.error
-        yield from out
-        out.clear()
+    try:
+        while not seq.done:
+            scheduler.step()
+            if seq.error is not None:
+                raise seq.error
+            yield from out
+            out.clear()
+    finally:
+        scheduler.settle()  # a consumer that stops early gets the cache its tokens left, nothing more

@@ -134,6 +134,8 @@ class Scheduler:
         max_batch: the most sequences admitted at once (prefilling or decoding).
         prefill_chunk: the most prompt tokens one prefill call runs.
         max_state_bytes: the KV + DeltaNet bytes the admitted sequences may reserve together; None = no limit.
+        pipeline: build the next decode step while the current one computes, when that is safe (greedy
+            rows, a lazy model, no one joining): the tokens are the same, the Python work overlaps.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Scheduler:
         max_batch: int = DEFAULT_MAX_BATCH,
         prefill_chunk: int = PREFILL_CHUNK,
         max_state_bytes: int | None = None,
+        pipeline: bool = True,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -156,6 +159,9 @@ class Scheduler:
         self.reserved_bytes = 0
         self._reserved: dict[int, int] = {}
         self.steps = self.decode_steps = self.decoded_tokens = 0
+        self.pipeline = pipeline
+        self.pipelined_steps = 0  # decode steps built while the previous one computed
+        self._pending: _Step | None = None  # the next decode step, built ahead (see _decode)
         self.largest_batch = 0
 
     # ---- membership --------------------------------------------------------------------------------
@@ -236,6 +242,8 @@ class Scheduler:
         if seq.done:
             return
         seq.finish_reason, seq.error, seq._logits = reason, error, None
+        if self._pending is not None:  # a step built ahead for it must not count: its caches go back
+            self._pending.rewind(seq)
         for follower in self._followers(seq):  # it left before its prompt was read: they read their own
             follower.follows = None
         if seq in self.running:
@@ -309,24 +317,61 @@ class Scheduler:
         self._sample(seq, logits)
 
     def _decode(self, seqs: list[GenSequence]) -> None:
-        tokens = mx.array([[s.tokens[-1]] for s in seqs])  # [B, 1]
-        cache = seqs[0].cache if len(seqs) == 1 else batch_caches([s.cache for s in seqs])
-        logits = self.model(tokens, cache=cache)[:, -1, :]  # [B, V]
-        # Greedy rows without penalties take their ids from one argmax over the batch, evaluated with the
-        # logits: one host sync per step (the same ids the samplers would pick row by row).
-        plain = [isinstance(s.sampler, TokenSampler) and s.sampler.plain_greedy for s in seqs]
-        argmax = mx.argmax(logits, axis=-1) if any(plain) else None
-        mx.eval(logits, *([argmax] if argmax is not None else []))
-        ids = argmax.tolist() if argmax is not None else None
+        step = self._pending
+        self._pending = None
+        if step is None or [s for s in step.seqs if s is not None] != seqs:
+            if step is not None:  # the batch changed since it was launched: undo it, run the batch anew
+                step.rewind_all()
+            step = self._launch(seqs, mx.array([[s.tokens[-1]] for s in seqs]))
+            mx.async_eval(step.outputs)
+        rows = [i for i, s in enumerate(step.seqs) if s is not None]
+        if step.argmax is not None and self._may_pipeline(seqs):
+            # Build the next step on this one's (lazy) greedy ids while this one computes, as mlx-lm's
+            # generate_step does; undone row by row for sequences that end here (``_finish``).
+            self._pending = self._launch(seqs, step.argmax[mx.array(rows)][:, None])
+            mx.async_eval(self._pending.outputs)
+            self.pipelined_steps += 1
+        mx.eval(step.outputs)
+        logits = step.logits[mx.array(rows)] if len(rows) < len(step.seqs) else step.logits
+        ids = step.argmax.tolist() if step.argmax is not None else None
         self.decode_steps += 1
         self.decoded_tokens += len(seqs)
         self.largest_batch = max(self.largest_batch, len(seqs))
         for i, seq in enumerate(seqs):
-            if plain[i]:
-                seq.sampler.accept(ids[i])
-                self._guarded([seq], self._take, seq, ids[i])
+            if ids is not None and _plain(seq):
+                seq.sampler.accept(ids[rows[i]])
+                self._guarded([seq], self._take, seq, ids[rows[i]])
             else:
                 self._guarded([seq], self._sample, seq, logits[i])
+
+    def _launch(self, seqs: list[GenSequence], tokens: mx.array) -> _Step:
+        """The graph of one decode step over ``seqs`` (not evaluated), and how to undo it per row."""
+        undo = [[dict(vars(c)) for c in s.cache] for s in seqs]  # each layer cache's attributes, as before
+        cache = seqs[0].cache if len(seqs) == 1 else batch_caches([s.cache for s in seqs])
+        logits = self.model(tokens, cache=cache)[:, -1, :]  # [B, V]
+        # Greedy rows without penalties take their ids from one argmax over the batch, evaluated with the
+        # logits: one host sync per step (the same ids the samplers would pick row by row).
+        argmax = mx.argmax(logits, axis=-1) if any(_plain(s) for s in seqs) else None
+        return _Step(list(seqs), logits, argmax, undo)
+
+    def _may_pipeline(self, seqs: list[GenSequence]) -> bool:
+        """Whether to build the next step now: every row greedy with a lazy model, nobody about to join
+        (the next step's batch is this one's), and at least one row that does not end at its length."""
+        return (
+            self.pipeline
+            and all(_plain(s) and s._stop_reason is None for s in seqs)
+            and len(self.running) == len(seqs)
+            and not self.waiting
+            and any(len(s.tokens) + 1 < s.max_tokens for s in seqs)
+            and getattr(self.model, "decode_is_lazy", lambda: False)()
+        )
+
+    def settle(self) -> None:
+        """Undoes a next step that was built ahead, so every cache holds exactly its sequence's fed tokens
+        (call it before using the caches elsewhere, e.g. when a consumer stops early)."""
+        if self._pending is not None:
+            self._pending.rewind_all()
+            self._pending = None
 
     def _sample(self, seq: GenSequence, logits: mx.array) -> None:
         self._take(seq, seq.sampler(logits.astype(mx.float32)))
@@ -338,6 +383,37 @@ class Scheduler:
             seq.on_token(seq, token, reason)
         if reason or seq._stop_reason is not None:
             self._finish(seq, reason or seq._stop_reason)
+
+
+@dataclass(eq=False)
+class _Step:
+    """A decode step's graph: its rows (None once a row's sequence ended), outputs, and per-row undo."""
+
+    seqs: list[GenSequence | None]
+    logits: mx.array
+    argmax: mx.array | None
+    undo: list[list[dict]]
+
+    @property
+    def outputs(self) -> list[mx.array]:
+        return [self.logits] + ([self.argmax] if self.argmax is not None else [])
+
+    def rewind(self, seq: GenSequence) -> None:
+        """Puts ``seq``'s layer caches back as they were before this step was built."""
+        for i, s in enumerate(self.seqs):
+            if s is seq:
+                for c, saved in zip(seq.cache, self.undo[i], strict=True):
+                    c.__dict__.update(saved)
+                self.seqs[i] = None
+
+    def rewind_all(self) -> None:
+        for s in list(self.seqs):
+            if s is not None:
+                self.rewind(s)
+
+
+def _plain(seq: GenSequence) -> bool:
+    return isinstance(seq.sampler, TokenSampler) and seq.sampler.plain_greedy
 
 
 def _adopt(follower: GenSequence, leader: GenSequence, logits: mx.array) -> None:

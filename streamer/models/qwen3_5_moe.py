@@ -244,6 +244,11 @@ class Model(nn.Module):
             return text.embed_tokens.as_linear(h)
         return self.language_model.lm_head(h)
 
+    def decode_is_lazy(self) -> bool:
+        """Whether a decode step is one lazy graph with no host sync inside: resident experts, or streamed
+        ones all cached with no routing hook. Only then can the next step be built while this one runs."""
+        return all(getattr(layer.mlp.experts, "lazy", True) for layer in self.layers)
+
     def state_bytes(self, tokens: int) -> int:
         """Bytes of one sequence's layer caches after ``tokens`` tokens (KV grows with them, DeltaNet not).
 
