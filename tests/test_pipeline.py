@@ -7,7 +7,9 @@ line (a rank that dies, a rank that stops answering) instead of a hang.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +68,16 @@ def _launch(ranks: int, *args, env=None, timeout=LAUNCH_TIMEOUT_S) -> subprocess
         pytest.skip("mlx.launch is not installed with this mlx")
     cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(_free_port_base(ranks)),
            "--", str(BIN / "streamer"), *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # Its own session, so a run that hangs is ended with every rank the launcher started.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the ranks did not finish within {timeout} s (a hang):\n{out}{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _launch_generate(packed, ranks, *flags, env=None, timeout=LAUNCH_TIMEOUT_S):
@@ -161,7 +172,7 @@ def test_ranks_give_one_process_greedy_tokens(packed, ranks, flags, split):
 
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_others_with_one_line(packed):
-    env = {**__import__("os").environ, "STREAMER_PIPELINE_FAULT": "1:3:exit"}
+    env = {**os.environ, "STREAMER_PIPELINE_FAULT": "1:3:exit"}
     run = _launch_generate(packed, 2, "--pipeline-timeout", "30", env=env, timeout=60)
     out = run.stdout + run.stderr
     assert "Traceback" not in out, out
@@ -172,7 +183,7 @@ def test_a_rank_that_dies_ends_the_others_with_one_line(packed):
 
 @pytest.mark.slow
 def test_a_rank_that_stops_answering_ends_the_others_within_the_timeout(packed):
-    env = {**__import__("os").environ, "STREAMER_PIPELINE_FAULT": "1:3:hang"}
+    env = {**os.environ, "STREAMER_PIPELINE_FAULT": "1:3:hang"}
     run = _launch_generate(packed, 2, "--pipeline-timeout", "2", env=env, timeout=60)
     out = run.stdout + run.stderr
     assert "Traceback" not in out, out
