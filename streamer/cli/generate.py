@@ -95,7 +95,7 @@ def generate(
         start = time.perf_counter()
         tokens, pieces, last = [], [], None
         try:
-            for r in stream_generate(engine.model, tok, ids, sampler, max_tokens, stats=engine.stats):
+            for r in stream_generate(engine.model, tok, ids, sampler, max_tokens):  # stats: once, below
                 tokens.append(r.token)
                 pieces.append(r.text)
                 if not as_json:
