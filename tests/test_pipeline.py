@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from streamer.cli.main import main
 from streamer.distributed.split import parse_split, split_by_bytes, stage_costs
-from streamer.errors import ConfigError
+from streamer.errors import ConfigError, StreamerError
 from streamer.storage.packed import open_packed
 from streamer.storage.repack import run_repack
 from streamer.storage.repack_plan import make_plan
@@ -66,7 +66,8 @@ def _launch(ranks: int, *args, env=None, timeout=LAUNCH_TIMEOUT_S) -> subprocess
     launcher = BIN / "mlx.launch"
     if not launcher.exists():
         pytest.skip("mlx.launch is not installed with this mlx")
-    cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(_free_port_base(ranks)),
+    port = _free_port_base(ranks)
+    cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(port),
            "--", str(BIN / "streamer"), *args]  # fmt: skip
     # Its own session, so a run that hangs is ended with every rank the launcher started.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -105,8 +106,8 @@ def test_split_of_a_packed_model_covers_every_layer_once(packed):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("2,x", "comma-separated layer counts"), ("4", "1 stages for 2 ranks"), ("1,2", "add up to the model's 4"),
-     ("0,4", "at least one layer")],
+    [("2,x", "comma-separated layer counts"), ("4", "1 stages for 2 ranks"),
+     ("1,2", "add up to the model's 4"), ("0,4", "at least one layer")],
 )  # fmt: skip
 def test_bad_split_names_the_flag(text, message):
     with pytest.raises(ConfigError, match="--pipeline-split") as e:
@@ -120,7 +121,9 @@ def test_more_ranks_than_layers_is_one_clear_error():
 
 
 def test_split_flag_outside_mlx_launch_is_refused(packed):
-    result = CliRunner().invoke(main, ["generate", str(packed), "--prompt-ids", "1,2", "--pipeline-split", "2,2"])
+    result = CliRunner().invoke(
+        main, ["generate", str(packed), "--prompt-ids", "1,2", "--pipeline-split", "2,2"]
+    )
     assert result.exit_code != 0 and "under mlx.launch only" in result.output
 
 
@@ -184,8 +187,35 @@ def test_a_rank_that_dies_ends_the_others_with_one_line(packed):
 @pytest.mark.slow
 def test_a_rank_that_stops_answering_ends_the_others_within_the_timeout(packed):
     env = {**os.environ, "STREAMER_PIPELINE_FAULT": "1:3:hang"}
-    run = _launch_generate(packed, 2, "--pipeline-timeout", "2", env=env, timeout=60)
+    # Long enough that loading on 2 busy cores never trips it before the fault does.
+    run = _launch_generate(packed, 2, "--pipeline-timeout", "8", env=env, timeout=90)
     out = run.stdout + run.stderr
     assert "Traceback" not in out, out
     assert run.stdout.strip() == ""
-    assert "rank 0: rank 1 did not answer within 2 s" in out, out
+    assert "rank 0: rank 1 did not answer within 8 s" in out, out
+
+
+# ---- a stage holds only its own layers --------------------------------------------------------------
+
+
+def test_a_stage_needs_only_its_own_expert_files(packed, tmp_path):
+    from streamer.distributed.stage import load_stage
+    from streamer.settings import RuntimeConfig
+
+    copy = tmp_path / "stage1"
+    copy.mkdir()
+    manifest = open_packed(packed).manifest
+    for f in packed.rglob("*"):
+        if f.is_file():
+            (copy / f.relative_to(packed)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(packed)).symlink_to(f)
+    for entry in manifest.layers[:2]:
+        (copy / entry.file).unlink()  # another machine holds layers 0-1
+    stage = load_stage(copy, RuntimeConfig(), range(2, 4), front=False)
+    try:
+        assert sorted(stage.runtime.store._fds) == [2, 3]
+        assert stage.runtime.cache.capacity_bytes > 0
+    finally:
+        stage.close()
+    with pytest.raises(StreamerError, match=manifest.layers[0].file):
+        load_stage(copy, RuntimeConfig(), range(0, 2), front=True)  # names the missing file

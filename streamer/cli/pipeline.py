@@ -60,12 +60,16 @@ def open_engine_for_rank(model: str | None, config, resident: bool, pipeline: tu
     split, timeout_s = pipeline
     if not launched():
         if split is not None:
-            raise ConfigError("--pipeline-split applies under mlx.launch only; start the ranks with mlx.launch")
+            raise ConfigError(
+                "--pipeline-split applies under mlx.launch only; start the ranks with mlx.launch"
+            )
         with open_engine(model, config, resident) as engine:
             yield engine
         return
     if resident:
-        raise ConfigError("--resident runs on one process; repack the model and pipeline the packed directory")
+        raise ConfigError(
+            "--resident runs on one process; repack the model and pipeline the packed directory"
+        )
     from streamer.distributed.pipeline import Link, make_engine, serve_stage
     from streamer.distributed.split import parse_split, split_by_bytes, stage_costs
     from streamer.distributed.stage import load_stage, open_stage_packed

@@ -83,8 +83,8 @@ class Link:
         timer = threading.Timer(
             self.timeout_s,
             self.on_timeout,
-            (f"rank {self.rank}: rank {peer} did not answer within {self.timeout_s:g} s ({what} it); stopping "
-             "(a stopped or unreachable peer; raise --pipeline-timeout if a step can take longer)",),
+            (f"rank {self.rank}: rank {peer} did not answer within {self.timeout_s:g} s ({what} it); "
+             "stopping (a stopped or unreachable peer; raise --pipeline-timeout if a step can take longer)",),
         )  # fmt: skip
         timer.daemon = True
         timer.start()
@@ -135,7 +135,9 @@ class PipelinedModel:
         self._next_id += 1
         return StageCache(self.stage.make_cache(), self._next_id)
 
-    def __call__(self, tokens: mx.array, cache: StageCache | None = None, last_only: bool = False) -> mx.array:
+    def __call__(
+        self, tokens: mx.array, cache: StageCache | None = None, last_only: bool = False
+    ) -> mx.array:
         """Logits [B, L, V], or [B, 1, V] with ``last_only`` — what ``Model`` gives on one process.
 
         Raises:

@@ -44,7 +44,8 @@ def split_by_bytes(costs: list[int], ranks: int, first_extra: int = 0) -> list[r
     for c in costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
-    # best[r][i]: the least possible largest stage when ranks 0..r-1 hold layers 0..i-1; cut: where r-1 starts.
+    # best[r][i]: the least possible largest stage when ranks 0..r-1 hold layers 0..i-1;
+    # cut[r][i]: where rank r-1's stage then starts.
     best = [[inf] * (n + 1) for _ in range(ranks + 1)]
     cut = [[0] * (n + 1) for _ in range(ranks + 1)]
     best[0][0] = 0
@@ -75,7 +76,9 @@ def parse_split(text: str, num_layers: int, ranks: int) -> list[range]:
             f"--pipeline-split must be comma-separated layer counts, one per rank (e.g. 3,5), got {text!r}"
         ) from None
     if len(counts) != ranks:
-        raise ConfigError(f"--pipeline-split {text} gives {len(counts)} stages for {ranks} ranks; give one count per rank")
+        raise ConfigError(
+            f"--pipeline-split {text} gives {len(counts)} stages for {ranks} ranks; give one count per rank"
+        )
     if min(counts) < 1 or sum(counts) != num_layers:
         raise ConfigError(
             f"--pipeline-split {text}: each rank needs at least one layer and the counts must add up to the "

@@ -99,10 +99,12 @@ def stage_cache_bytes(packed: PackedModel, args: ModelArgs, layers: range, confi
     entries = [packed.manifest.layers[i] for i in layers]
     slot_bytes = [block_shape_of(e, dtype).nbytes for e in entries]
     if config.cache_experts is not None:
-        mean = sum(b * e.num_experts for b, e in zip(slot_bytes, entries)) / sum(e.num_experts for e in entries)
+        mean = sum(b * e.num_experts for b, e in zip(slot_bytes, entries, strict=True)) / sum(
+            e.num_experts for e in entries
+        )
         return int(config.cache_experts * mean)
     minimum = args.num_experts_per_tok * sum(set(slot_bytes))
-    all_slots = sum(b * e.num_experts for b, e in zip(slot_bytes, entries))
+    all_slots = sum(b * e.num_experts for b, e in zip(slot_bytes, entries, strict=True))
     return max(minimum, default_cache_bytes(resident_bytes, all_slots))
 
 
@@ -156,7 +158,12 @@ def load_stage(path: Path, config: RuntimeConfig, layers: range, front: bool) ->
         assign_weights(model, keep, model.dtype, source=path)
         mx.eval(model.parameters())
         _wire_memory(resident_bytes + runtime.cache.capacity_bytes)
-        log.info("stage layers %d-%d: expert cache %.2f GB", layers[0], layers[-1], runtime.cache.capacity_bytes / 1e9)
+        log.info(
+            "stage layers %d-%d: expert cache %.2f GB",
+            layers[0],
+            layers[-1],
+            runtime.cache.capacity_bytes / 1e9,
+        )
     except BaseException:
         runtime.close()
         raise

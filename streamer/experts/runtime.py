@@ -56,6 +56,7 @@ class ExpertRuntime:
         io_mode: "buffered" or "direct".
         threads: reader threads.
         io_timeout_s: longest wait for one expert read before the step fails.
+        layers: the layers this runtime serves (a pipeline stage): only their pools and files; None = all.
     """
 
     def __init__(
@@ -75,7 +76,8 @@ class ExpertRuntime:
     ):
         self.packed = packed
         # A pipeline stage holds only its own layers' pools and files (None: every layer).
-        self.entries = packed.manifest.layers if layers is None else [packed.manifest.layers[i] for i in layers]
+        everything = packed.manifest.layers
+        self.entries = everything if layers is None else [everything[i] for i in layers]
         self.prefetch_mode = prefetch
         self.min_slots = min_slots
         # Slots hold floats for the model's compute dtype (as the resident model's experts; see load._cast).
