@@ -1,8 +1,18 @@
-"""The demo model's corpus and tokenizer: the Python standard library's own source, a small byte-level BPE.
+"""The demo model's corpus and tokenizer: Python source already on this machine, a small byte-level BPE.
 
-Every machine with Python has the corpus, so nothing is downloaded. Files are listed in sorted order from
-``sysconfig.get_paths()["stdlib"]`` (third-party ``site-packages`` and the stdlib's test suites left out)
-and split by a hash of their relative path: the same files are held out whatever the Python version.
+Nothing is downloaded. Two sources (``SOURCES``):
+
+- ``stdlib``: the standard library, ``sysconfig.get_paths()["stdlib"]`` (its ``site-packages`` and test
+  suites left out);
+- ``site-packages``: the installed third-party packages, ``sysconfig.get_paths()["purelib"]`` (in the venv:
+  numpy, pip, pydantic, transformers, ...), at most ``PACKAGE_CHARS`` characters of each top-level package
+  so no one package dominates, files over ``MAX_FILE_CHARS`` (generated tables) and this project's own
+  editable-install shims left out. This repository's sources are never read: they are the held-out set of
+  benchmarks/bench_demo_generalisation.py.
+
+Files are split by a hash of their path relative to the source root: the same files are held out whatever
+the Python version. Exact duplicates (by content) are kept once, and a training file whose text is also a
+held-out file's is dropped.
 
 Documents are joined with ``<|endoftext|>``. The tokenizer is a byte-level BPE trained on the training split
 with Qwen3.5's pre-tokenizer regex, its 33 special tokens and its chat template, built as
@@ -11,6 +21,7 @@ with Qwen3.5's pre-tokenizer regex, its 33 special tokens and its chat template,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sysconfig
 import zlib
@@ -29,10 +40,17 @@ from streamer.text.tokenizer_assets import (
 # Directory names never read: third-party code, and test suites (17 MB of fixtures and odd encodings).
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 SEPARATOR = "<|endoftext|>"
+SOURCES = ("stdlib", "site-packages")
+PACKAGE_CHARS = 600_000  # per top-level third-party package (transformers alone has 53 MB)
+MAX_FILE_CHARS = 100_000  # larger third-party files are mostly generated tables
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def site_packages_root() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
 
 
 def is_held_out(relpath: str, held_out_every: int) -> bool:
@@ -69,36 +87,71 @@ def source_files(root: Path | None = None) -> list[tuple[str, Path]]:
     return out
 
 
+def package_files(root: Path | None = None) -> list[tuple[str, Path]]:
+    """(``site-packages/<relative path>``, path) of the third-party .py files used, sorted by name.
+
+    Each top-level package contributes files in hash order (a spread over its modules, not its first
+    directory) until it reaches ``PACKAGE_CHARS``.
+    """
+    root = Path(root) if root is not None else site_packages_root()
+    budget: dict[str, int] = {}
+    out = []
+    files = source_files(root)
+    for rel, path in sorted(files, key=lambda f: zlib.crc32(f[0].encode())):
+        top = rel.split("/")[0]
+        if top.startswith("__editable__") or top.startswith("streamer"):
+            continue  # this project's editable-install shims: the held-out repository, not training text
+        size = path.stat().st_size
+        if size > MAX_FILE_CHARS or budget.get(top, 0) + size > PACKAGE_CHARS:
+            continue
+        budget[top] = budget.get(top, 0) + size
+        out.append((f"site-packages/{rel}", path))
+    return sorted(out)
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None  # a handful of files declare another encoding; skipping them keeps decoding simple
+
+
 def read_corpus(
     root: Path | None = None,
     held_out_every: int = 32,
     max_chars: int | None = None,
     splits: tuple[str, ...] = ("train", "held_out"),
+    sources: tuple[str, ...] = ("stdlib",),
 ) -> Corpus:
-    """Reads the stdlib's .py files and splits them into training and held-out documents.
+    """Reads the sources' .py files and splits them into training and held-out documents.
 
     Args:
-        root: the directory to read (default: this Python's stdlib).
+        root: the stdlib directory to read (default: this Python's stdlib).
         held_out_every: hold out one file in this many (by path hash).
         max_chars: stop adding files to a split once it holds this many characters (tiny test runs).
         splits: the splits to read (the others stay empty).
+        sources: which of ``SOURCES`` to read, in this order.
 
     Raises:
         FileNotFoundError: no usable source file for a split that was asked for.
+        ValueError: an unknown source.
     """
-    texts: dict[str, list[str]] = {"train": [], "held_out": []}
-    names: dict[str, list[str]] = {"train": [], "held_out": []}
-    for rel, path in source_files(root):
+    if unknown := set(sources) - set(SOURCES):
+        raise ValueError(f"unknown corpus sources {sorted(unknown)}; choose from {SOURCES}")
+    files = source_files(root) if "stdlib" in sources else []
+    files += package_files() if "site-packages" in sources else []
+    by_split: dict[str, dict[str, tuple[str, str]]] = {"train": {}, "held_out": {}}  # digest -> (rel, text)
+    for rel, path in files:
         split = "held_out" if is_held_out(rel, held_out_every) else "train"
-        if split not in splits or (max_chars is not None and sum(map(len, texts[split])) >= max_chars):
+        if split not in splits or (max_chars is not None and _chars(by_split[split]) >= max_chars):
             continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # a handful of files declare another encoding; skipping them keeps decoding simple
-        if text.strip():
-            texts[split].append(text)
-            names[split].append(rel)
+        text = read_text(path)
+        if text and text.strip():
+            by_split[split].setdefault(hashlib.sha256(text.encode()).hexdigest(), (rel, text))
+    for digest in set(by_split["train"]) & set(by_split["held_out"]):
+        del by_split["train"][digest]  # the same text on both sides would leak the held-out set
+    texts = {k: [t for _, t in v.values()] for k, v in by_split.items()}
+    names = {k: [r for r, _ in v.values()] for k, v in by_split.items()}
     for split in splits:
         if not texts[split]:
             raise FileNotFoundError(
@@ -106,6 +159,10 @@ def read_corpus(
                 "(is this a Python standard library directory?)"
             )
     return Corpus(texts["train"], texts["held_out"], names["train"], names["held_out"])
+
+
+def _chars(docs: dict[str, tuple[str, str]]) -> int:
+    return sum(len(t) for _, t in docs.values())
 
 
 def train_tokenizer(texts: list[str], vocab_tokens: int):

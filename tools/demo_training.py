@@ -58,7 +58,8 @@ class TrainConfig:
     head_dim: int = 32
     full_attention_interval: int = 4
     vocab_tokens: int = 4096
-    # Data.
+    # Data: demo_corpus.SOURCES joined by "+" (a run saved before this field read the stdlib alone).
+    corpus: str = "stdlib"
     held_out_every: int = 32
     max_corpus_chars: int | None = None
     # Optimisation.
@@ -101,8 +102,9 @@ class TrainConfig:
 
 # Named runs (tools/train_demo.py --preset): TrainConfig fields that differ from the defaults.
 PRESETS = {
-    # The shipped demo (streamer/assets/demo): 8 layers, 64 experts top-8, the 35B-A3B's routing shape.
-    "demo": {},
+    # The shipped demo (streamer/assets/demo): 8 layers, 64 experts top-8, the 35B-A3B's routing shape,
+    # trained on the stdlib and third-party packages (stdlib alone generalised worse to new code).
+    "demo": {"corpus": "stdlib+site-packages", "steps": 550},
     # A routing-study model at the flagship's routing geometry in miniature (the 397B has 512 experts
     # top-10): 256 experts top-10, narrow and shallow so it trains on two CPU cores in about 30 minutes.
     # Its held-out decode routing (benchmarks/traces/) drives the cache-policy and cache-aware-routing
@@ -285,8 +287,11 @@ def prepare_run(run_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = pr
     if cfg_file.exists():
         saved = json.loads(cfg_file.read_text())
         ours = dataclasses.asdict(cfg)
+        defaults = dataclasses.asdict(TrainConfig())  # fields added since the run was saved
         diff = {
-            k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v and k not in RESUMABLE_FIELDS
+            k: (saved.get(k, defaults[k]), v)
+            for k, v in ours.items()
+            if saved.get(k, defaults[k]) != v and k not in RESUMABLE_FIELDS
         }
         if diff:
             raise ValueError(
@@ -297,7 +302,11 @@ def prepare_run(run_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = pr
     if (run_dir / "tokens.npz").exists():
         return
     t0 = time.perf_counter()
-    corpus = read_corpus(held_out_every=cfg.held_out_every, max_chars=cfg.max_corpus_chars)
+    corpus = read_corpus(
+        held_out_every=cfg.held_out_every,
+        max_chars=cfg.max_corpus_chars,
+        sources=tuple(cfg.corpus.split("+")),
+    )
     tok = train_tokenizer(corpus.train, cfg.vocab_tokens)
     write_tokenizer_dir(tok, run_dir / "tokenizer")
     train, held_out = encode_documents(tok, corpus.train), encode_documents(tok, corpus.held_out)
@@ -488,9 +497,10 @@ def export_checkpoint(
         w = weights[param.name]
         return w if expert is None else w[expert]
 
+    what = "Python standard library" if cfg.corpus == "stdlib" else "Python standard library and package"
     preset = Preset(
         "trained-demo",
-        "Qwen3.5-MoE trained on Python standard library source",
+        f"Qwen3.5-MoE trained on {what} source",
         text_config,
         generation=DEMO_GENERATION,
     )
@@ -498,7 +508,7 @@ def export_checkpoint(
     generate(dst, preset, dtype=dtype, seed=cfg.seed, value_fn=value_fn, tokenizer_dir=run_dir / "tokenizer")
     corpus = json.loads((run_dir / "corpus.json").read_text())
     info = {
-        "description": "a small Qwen3.5-MoE trained on Python standard library source (tools/train_demo.py)",
+        "description": f"a small Qwen3.5-MoE trained on {what} source (tools/train_demo.py)",
         "train_config": dataclasses.asdict(cfg),
         "steps": state["step"],
         "tokens_seen": state["step"] * cfg.batch_size * cfg.seq_len,
