@@ -216,7 +216,7 @@ class GenerationWorker:
         self._totals = dict.fromkeys(
             ("requests", "prompt_tokens", "cached_tokens", "prefilled_tokens", "completion_tokens"), 0
         )
-        self._totals["cancelled"] = self._totals["failed"] = 0
+        self._totals["cancelled"] = self._totals["failed"] = self._totals["sequences"] = 0
         self._recent: deque[dict] = deque(maxlen=64)
         self._engine_stats: dict = {}
         self._active: list[_Active] = []  # admitted to the scheduler or running scripted, oldest first
@@ -476,7 +476,8 @@ class GenerationWorker:
         engine_stats = self.engine.stats() if hasattr(self.engine, "stats") else {}
         with self._lock:
             self._recent.append(record)
-            self._totals["requests"] += 1
+            self._totals["requests"] += job.prefill_from is None  # the n choices of one request count once
+            self._totals["sequences"] += 1  # every answer generated (cancelled/failed count these)
             self._totals["cancelled"] += reason == "cancelled"
             self._totals["failed"] += reason == "error"
             for key in ("prompt_tokens", "cached_tokens", "prefilled_tokens", "completion_tokens"):

@@ -56,7 +56,8 @@ def test_choices_read_the_prompt_once(server):
     after = stats(server)["totals"]
     prefilled = after["prefilled_tokens"] - before["prefilled_tokens"]
     assert 0 < prefilled <= r.usage.prompt_tokens  # once, not three times
-    assert after["requests"] - before["requests"] == 3
+    assert after["requests"] - before["requests"] == 1  # one request ...
+    assert after["sequences"] - before["sequences"] == 3  # ... of three answers
 
 
 def test_seeded_chat_choices_are_the_derived_seeds_answers(server):
@@ -138,7 +139,7 @@ def test_a_disconnect_cancels_every_choice(server):
     conn.sock.shutdown(2)
     conn.close()
     deadline = time.monotonic() + 30
-    while stats(server)["totals"]["requests"] < before["requests"] + 3:
+    while stats(server)["totals"]["sequences"] < before["sequences"] + 3:
         assert time.monotonic() < deadline, "the abandoned choices never ended"
         time.sleep(0.05)
     totals = stats(server)["totals"]
