@@ -97,9 +97,7 @@ def run_bench(
     scheduler = Scheduler(model, max_batch=concurrency, prefill_chunk=chunk)
     streams = [
         # EOS does not stop a stream: the point is speed. max_tokens is never reached: the run stops them.
-        GenSequence(
-            prompt[i:] + prompt[:i], make_sampler(SamplingParams()), 1 << 30, model.make_cache()
-        )
+        GenSequence(prompt[i:] + prompt[:i], make_sampler(SamplingParams()), 1 << 30, model.make_cache())
         for i in range(concurrency)
     ]
     try:

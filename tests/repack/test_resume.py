@@ -151,7 +151,7 @@ def test_damaged_packed_model_is_repaired_in_place(reference, tmp_path):
     assert result.status == "repaired" and _tree(dst) == want
     assert result.bytes_written < sum(len(v) for v in want.values()) // 2  # layers 0, 1, 3 kept
     _flip(dst / "experts" / "layer_001.bin", 20_000)  # damage only a full verify sees
-    with pytest.raises(PackedFormatError, match="rewrite .*layer_001.bin with \"streamer repack"):
+    with pytest.raises(PackedFormatError, match='rewrite .*layer_001.bin with "streamer repack'):
         verify_packed(dst)
     # repack re-checks every checksum before it says "already packed", so it finds and repairs this too
     assert _repack(src, dst).status == "repaired" and _tree(dst) == want
