@@ -88,6 +88,31 @@ def load_engine(
     return Engine(model, args, Tokenizer(path), path, routing=routing_label(config, args))
 
 
+def make_runtime(
+    packed: PackedModel,
+    args: ModelArgs,
+    config: RuntimeConfig,
+    dtype: mx.Dtype,
+    cache_bytes: int,
+    layers: list[int] | None = None,
+) -> ExpertRuntime:
+    """The expert runtime the runtime flags describe, with ``cache_bytes`` of slots (``layers``: only
+    those layers' files and pools, for a pipeline stage; None: all)."""
+    return ExpertRuntime(
+        packed,
+        cache_bytes=cache_bytes,
+        min_slots=args.num_experts_per_tok,
+        io_mode=config.io_mode,
+        threads=config.threads,
+        io_timeout_s=config.io_timeout_s,
+        prefetch=config.prefetch,
+        dtype=dtype,
+        verify_reads=config.verify_reads,
+        policy=config.cache_policy,
+        layers=layers,
+    )
+
+
 def load_streamed(
     path: Path, config: RuntimeConfig, preload_progress: Callable[[int, int], None] | None = None
 ) -> Engine:
@@ -98,18 +123,8 @@ def load_streamed(
     check_matches_config(packed, args)
     model = Model(args, dtype=_resolve_dtype(config.dtype))
     check_routing(config, args, streamed=True)
-    runtime = ExpertRuntime(
-        packed,
-        cache_bytes=cache_budget(packed, args, config.cache_bytes, config.cache_experts, config.dtype),
-        min_slots=args.num_experts_per_tok,
-        io_mode=config.io_mode,
-        threads=config.threads,
-        io_timeout_s=config.io_timeout_s,
-        prefetch=config.prefetch,
-        dtype=model.dtype,
-        verify_reads=config.verify_reads,
-        policy=config.cache_policy,
-    )
+    cache_bytes = cache_budget(packed, args, config.cache_bytes, config.cache_experts, config.dtype)
+    runtime = make_runtime(packed, args, config, model.dtype, cache_bytes)
     try:
         layers = model.layers
         for i, layer in enumerate(layers):

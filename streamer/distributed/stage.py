@@ -18,7 +18,14 @@ from streamer.distributed.split import layer_of
 from streamer.experts.budget import default_cache_bytes
 from streamer.experts.runtime import ExpertRuntime, block_shape_of
 from streamer.experts.streamed import StreamedExperts
-from streamer.loader import _wire_memory, check_matches_config, check_routing, read_config, routing_label
+from streamer.loader import (
+    _wire_memory,
+    check_matches_config,
+    check_routing,
+    make_runtime,
+    read_config,
+    routing_label,
+)
 from streamer.models.args import ModelArgs
 from streamer.models.layer_cache import DeltaNetCache, KVCache
 from streamer.models.load import _resolve_dtype, assign_weights, quantize_modules
@@ -131,19 +138,8 @@ def load_stage(path: Path, config: RuntimeConfig, layers: range, front: bool) ->
     all_weights = packed.load_resident()
     keep = {n: w for n, w in all_weights.items() if _held(n, layers, front)}
     resident_bytes = sum(w.nbytes for w in keep.values())
-    runtime = ExpertRuntime(
-        packed,
-        cache_bytes=stage_cache_bytes(packed, args, layers, config, resident_bytes),
-        min_slots=args.num_experts_per_tok,
-        io_mode=config.io_mode,
-        threads=config.threads,
-        io_timeout_s=config.io_timeout_s,
-        prefetch=config.prefetch,
-        dtype=model.dtype,
-        verify_reads=config.verify_reads,
-        policy=config.cache_policy,
-        layers=layers,
-    )
+    cache_bytes = stage_cache_bytes(packed, args, layers, config, resident_bytes)
+    runtime = make_runtime(packed, args, config, model.dtype, cache_bytes, layers=layers)
     try:
         top_k = config.experts_per_token or args.num_experts_per_tok
         for i in layers:
