@@ -8,14 +8,15 @@
         --export scratch/routing-study/checkpoint-export    # 256 experts top-10, ~30 min on 2 cores
 
 ``--preset`` picks a named geometry (``demo_training.PRESETS``: ``demo``, the default, is the shipped
-model; ``routing-study`` has the 397B's routing shape in miniature); the other flags override its fields.
+model; ``demo-mix`` the same on a wider corpus; ``routing-study`` has the 397B's routing shape in
+miniature); the other flags override its fields.
 
 A Qwen3.5-MoE (the project's own model classes, float32, chunked DeltaNet) learns Python source already on
-the machine (the demo: the standard library and the installed site-packages; ``--corpus stdlib`` for the
-stdlib alone): see tools/demo_corpus.py for the corpus and tokenizer, tools/demo_training.py for the
-model, loop, checkpoints and export. Interrupt at any time (Ctrl-C): the run checkpoints and the same
-command resumes it, taking exactly the steps an uninterrupted run would. The loss curve is in
-<out>/loss.tsv.
+the machine (``--corpus``: ``stdlib``, the default and the shipped demo's, or ``stdlib+site-packages``, the
+installed packages too, as ``--preset demo-mix``): see tools/demo_corpus.py for the corpus and tokenizer,
+tools/demo_training.py for the model, loop, checkpoints and export. Interrupt at any time (Ctrl-C): the run
+checkpoints and the same command resumes it, taking exactly the steps an uninterrupted run would. The loss
+curve is in <out>/loss.tsv.
 
 MLX's Linux CPU wheel ships the reference BLAS; when Debian's OpenBLAS is installed
 (``apt-get install libopenblas0-pthread``) the script re-executes itself with it preloaded, which makes
