@@ -49,6 +49,13 @@ def prefill(
     return logits[0]
 
 
+def token_text(detok, token: int, reason: str | None) -> str:
+    """The text a sampled token adds: none for the end-of-sequence id ("stop"), and whatever the
+    detokenizer still holds when the sequence ends."""
+    text = "" if reason == "stop" else detok.add(token)
+    return text + detok.finalize() if reason else text
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -71,13 +78,10 @@ def stream_generate(
     out: list[GenerationResponse] = []
 
     def on_token(seq: GenSequence, token: int, reason: str | None) -> None:
-        text = "" if reason == "stop" else detok.add(token)
-        if reason:
-            text += detok.finalize()
         out.append(
             GenerationResponse(
                 token=token,
-                text=text,
+                text=token_text(detok, token, reason),
                 prompt_tokens=len(seq.prompt),
                 prompt_tps=len(seq.prompt) / max(seq.prompt_seconds, 1e-9),
                 generation_tokens=len(seq.tokens),

@@ -156,8 +156,7 @@ class Scheduler:
         self.max_state_bytes = max_state_bytes
         self.waiting: deque[GenSequence] = deque()
         self.running: list[GenSequence] = []  # admitted, in admission order
-        self.reserved_bytes = 0
-        self._reserved: dict[int, int] = {}
+        self._reserved: dict[int, int] = {}  # id(admitted sequence) -> its state bytes
         self.steps = self.decode_steps = self.decoded_tokens = 0
         self.pipeline = pipeline
         self.pipelined_steps = 0  # decode steps built while the previous one computed
@@ -188,13 +187,18 @@ class Scheduler:
         return self.model.state_bytes(tokens)
 
     @property
+    def reserved_bytes(self) -> int:
+        """The state bytes the admitted sequences reserve together."""
+        return sum(self._reserved.values())
+
+    @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
 
     # ---- one step ----------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Admits, runs one prefill chunk and one batched decode step; finished sequences leave."""
+        """Admits, runs the next prefill pieces and one batched decode step; finished sequences leave."""
         self.steps += 1
         self._drop_stopped()
         self._admit()
@@ -227,7 +231,6 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
             self._reserved[id(seq)] = need
-            self.reserved_bytes += need
             seq.admitted_at = time.perf_counter()
 
     def _drop_stopped(self) -> None:
@@ -248,7 +251,7 @@ class Scheduler:
             follower.follows = None
         if seq in self.running:
             self.running.remove(seq)
-            self.reserved_bytes -= self._reserved.pop(id(seq), 0)
+            self._reserved.pop(id(seq), None)
         if seq.on_finish:
             seq.on_finish(seq)
 
@@ -422,9 +425,8 @@ def _adopt(follower: GenSequence, leader: GenSequence, logits: mx.array) -> None
     The KV caches get their own copies; DeltaNet states are shared arrays, which is safe because a layer
     replaces them (never writes into them) at every step.
     """
-    if follower.prompt != leader.prompt or _cached_tokens(follower.cache) != _cached_tokens(
-        leader.cache
-    ) - len(leader.prompt):
+    same_start = _cached_tokens(follower.cache) == _cached_tokens(leader.cache) - len(leader.prompt)
+    if follower.prompt != leader.prompt or not same_start:
         follower.follows = None  # not the same request after all: it reads its own prompt
         return
     restore_caches(follower.cache, snapshot_caches(leader.cache))

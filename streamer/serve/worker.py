@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from streamer.errors import StreamerError
 from streamer.generation.constrained import Constraint
+from streamer.generation.generate import token_text
 from streamer.generation.prefix_cache import ModelState, PrefixCache, capture_state, restore_state
 from streamer.generation.sampling import SamplingParams, make_sampler
 from streamer.generation.scheduler import (
@@ -143,9 +144,7 @@ class BatchSettings:
 
     max_batch: int = DEFAULT_MAX_BATCH  # requests decoded together
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill call, between the running decodes
-    max_state_bytes: int | None = (
-        None  # KV + DeltaNet bytes the running requests may reserve; None = no limit
-    )
+    max_state_bytes: int | None = None  # KV + DeltaNet bytes the running requests may reserve (None: any)
 
 
 class _Active:
@@ -163,7 +162,6 @@ class _Active:
         self.seq: GenSequence | None = None
         self.state: ModelState | None = None  # the last snapshot the job's cache descends from
         self.begin_state: ModelState | None = None  # the snapshot the job started from
-        self.prefilled = 0  # prompt tokens run through the model so far
 
     def token(
         self, token: int, text: str, reason: str | None, tps: float, logprob: TokenLogprob | None
@@ -264,7 +262,7 @@ class GenerationWorker:
                 "busy": bool(active),
                 "running": len(active) - waiting,
                 "current": active[0].job.label if active else None,
-                "prefill_progress": (prefilling.prefilled, prefilling.usage.prefilled_tokens)
+                "prefill_progress": (prefilling.seq.fed, prefilling.usage.prefilled_tokens)
                 if prefilling
                 else None,
                 "batch": {
@@ -360,7 +358,6 @@ class GenerationWorker:
             boundaries=sorted({b - start for b in job.snapshot_at if start < b < len(ids)}),
             on_token=lambda s, token, reason: self._on_token(active, token, reason),
             on_boundary=lambda s, n: self._on_boundary(active, n),
-            on_prefill=lambda s, done, total: setattr(active, "prefilled", done),
             on_finish=lambda s: self._on_finish(active),
             label=job.label,
             follows=leader.seq if leader is not None else None,
@@ -385,9 +382,7 @@ class GenerationWorker:
         return None
 
     def _on_token(self, active: _Active, token: int, reason: str | None) -> None:
-        text = "" if reason == "stop" else active.detok.add(token)
-        if reason:
-            text += active.detok.finalize()
+        text = token_text(active.detok, token, reason)
         logprob = active.seq.sampler.last if isinstance(active.seq.sampler, _LogprobSampler) else None
         if active.token(token, text, reason, active.seq.generation_tps(), logprob):
             active.seq.stop("stop")
