@@ -13,13 +13,17 @@ import click
 
 from streamer.errors import PackedFormatError
 from streamer.models.args import CONFIG_FILE, read_config_file
-from streamer.storage.packed import open_packed, read_manifest, repair_hint
-from streamer.storage.packed_format import PROGRESS_FILE, LayerEntry, Manifest, pruned_label
+from streamer.storage.packed_format import PROGRESS_FILE, LayerEntry, Manifest, describe_layers, pruned_label
 from streamer.storage.paths import list_packed_dirs, model_id_from_dir_name, models_dir, resolve_packed_model
-from streamer.storage.repack import run_repack
-from streamer.storage.repack_destination import inspect_destination
-from streamer.storage.repack_plan import RepackPlan, make_plan
-from streamer.storage.verify import verify_packed
+from streamer.storage.repack import destination_status, plan_for_destination, run_repack
+from streamer.storage.repack_plan import RepackPlan, make_plan, parse_layers
+from streamer.storage.verify import (
+    check_held_files,
+    read_any_manifest,
+    select_layers,
+    stage_repair_hint,
+    verify_packed,
+)
 
 
 def _size(n: int) -> str:
@@ -115,9 +119,20 @@ def layer_summaries(layers: Sequence[LayerEntry]) -> list[str]:
     return lines
 
 
+def _held(plan_or_manifest) -> str:
+    """What a plan writes or a copy holds: "8 layers", or "layers 4-7 of 8 (a pipeline stage's copy)"."""
+    stage, n = plan_or_manifest.stage, len(plan_or_manifest.layers)
+    if stage is None:
+        return f"{n} layers"
+    return f"layers {stage.first}-{stage.last} of {n} (a pipeline stage's copy)"
+
+
 def describe_plan(plan: RepackPlan) -> str:
-    status, journal = inspect_destination(plan)
-    if status == "resume":
+    plan = plan_for_destination(plan)
+    status, journal = destination_status(plan)
+    if status == "adopt":
+        status = f"another copy of this model: its {len(journal.layers)} intact layers are kept"
+    elif status == "resume":
         res = "resident + " if journal.resident_crc32 is not None else ""
         status = f"resume ({res}{len(journal.layers)} of {len(plan.layers)} layers already done)"
     elif status == "repair":
@@ -132,8 +147,8 @@ def describe_plan(plan: RepackPlan) -> str:
         f"source    {plan.source_name}  ({ckpt.path})  {ckpt.model_type}",
         f"dest      {plan.dst}  [{status}]",
         f"resident  {len(plan.resident)} tensors, {_size(plan.resident_bytes)}  -> resident.safetensors",
-        f"experts   {len(plan.layers)} layers, {_size(plan.expert_bytes)}  -> experts/layer_NNN.bin",
-        *layer_summaries(plan.layers),
+        f"experts   {_held(plan)}, {_size(plan.expert_bytes)}  -> experts/layer_NNN.bin",
+        *layer_summaries(plan.held_layers),
         f"files     {', '.join(p.name for p in ckpt.extra_files)}",
         f"total     {_size(plan.total_bytes + plan.files_bytes)}; "
         f"{_size(shutil.disk_usage(probe).free)} free",
@@ -145,18 +160,31 @@ def describe_plan(plan: RepackPlan) -> str:
 @click.argument("src")
 @click.argument("dst", required=False, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print the plan and sizes, write nothing.")
-def repack(src: str, dst: Path | None, dry_run: bool) -> None:
+@click.option(
+    "--layers",
+    metavar="FIRST:LAST",
+    help="Write only what the pipeline stage holding layers FIRST to LAST (both included, counted from 0; "
+    "e.g. 0:23) needs under mlx.launch: their expert files and resident tensors, plus the embedding and "
+    "output head when FIRST is 0. The copy runs only as that stage's rank; `streamer repack SRC DST` "
+    "later completes it into a whole model, keeping the layers it has.",
+)
+def repack(src: str, dst: Path | None, dry_run: bool, layers: str | None) -> None:
     """Lay out SRC's experts for streaming (once per model).
 
     SRC is an mlx-community checkpoint directory, or a Hugging Face id already in the local hub
     cache. DST defaults to the streamer data dir, where `streamer chat SRC` finds it. Safe to
     interrupt: run the same command again to resume where it stopped.
     """
-    plan = make_plan(src, dst)
+    plan = make_plan(src, dst, layers)
     if dry_run:
         click.echo(describe_plan(plan))
         return
-    click.echo(f"repacking {plan.source_name} -> {plan.dst} ({_size(plan.total_bytes)})", err=True)
+    staged = plan.stage is not None
+    plan = plan_for_destination(plan)
+    if staged and plan.stage is None:
+        click.echo(f"{plan.dst} holds the whole model, which serves every stage: checking it", err=True)
+    what = _held(plan)
+    click.echo(f"repacking {plan.source_name} -> {plan.dst} ({what}, {_size(plan.total_bytes)})", err=True)
     with _Phases() as bars:
         result = run_repack(plan, progress=bars.on("repack"), check_progress=bars.on("check"))
     if result.status == "already packed":
@@ -168,7 +196,7 @@ def repack(src: str, dst: Path | None, dry_run: bool) -> None:
     if result.status == "repaired":
         what = f"{_size(result.bytes_written)} of damaged files in"
     else:
-        what = f"{len(plan.layers)} layers into"
+        what = f"{_held(plan)} into"
     click.echo(
         f"{result.status} {what} {plan.dst} in {result.seconds:.1f} s "
         f"({rate / 1e9:.2f} GB/s); verified as written",
@@ -178,17 +206,31 @@ def repack(src: str, dst: Path | None, dry_run: bool) -> None:
 
 @click.command()
 @click.argument("model")
-def verify(model: str) -> None:
-    """Re-check every checksum and bound of a packed MODEL (a directory or a packed id)."""
+@click.option(
+    "--layers",
+    metavar="FIRST:LAST",
+    help="Check only these layers' expert files (both included, counted from 0), with the resident and "
+    "copied files: one pipeline stage's share. Default: every layer the copy holds.",
+)
+def verify(model: str, layers: str | None) -> None:
+    """Re-check every checksum and bound of a packed MODEL (a directory or a packed id).
+
+    A pipeline stage's copy (`streamer repack --layers`) is checked over the layers it holds.
+    """
     path = resolve_packed_model(model)
-    manifest = read_manifest(path)
+    manifest = read_any_manifest(path)
+    wanted = None if layers is None else parse_layers(layers, len(manifest.layers))
+    entries = select_layers(manifest, wanted)
+    total = manifest.total_bytes - manifest.expert_bytes + sum(e.file_bytes for e in entries)
     start = time.monotonic()
-    with _Bar("verify", manifest.total_bytes) as bar:
-        verify_packed(path, progress=bar.step)
+    with _Bar("verify", total) as bar:
+        verify_packed(path, progress=bar.step, layers=wanted)
     secs = time.monotonic() - start
-    n = sum(e.num_experts for e in manifest.layers)
+    n = sum(e.num_experts for e in entries)
+    kind = " (a pipeline stage's copy)" if manifest.stage else ""
     click.echo(
-        f"ok: {path}: {n} expert blocks, {len(manifest.resident_crc32)} resident tensors match ({secs:.1f} s)"
+        f"ok: {path}: {describe_layers(e.layer for e in entries)} of {len(manifest.layers)}{kind}: "
+        f"{n} expert blocks, {len(manifest.resident_crc32)} resident tensors match ({secs:.1f} s)"
     )
 
 
@@ -197,8 +239,14 @@ def verify(model: str) -> None:
 def info(model: str) -> None:
     """Print a packed MODEL's source, shape and sizes (resident vs streamed expert bytes)."""
     path = resolve_packed_model(model)
-    m = open_packed(path).manifest
-    config = read_config_file(path, fix=repair_hint(path, m, path / CONFIG_FILE), error=PackedFormatError)
+    m = read_any_manifest(path)
+    try:
+        check_held_files(path, m)
+    except PackedFormatError as e:
+        raise PackedFormatError(f"{e}; {stage_repair_hint(path, m)}") from None
+    config = read_config_file(
+        path, fix=stage_repair_hint(path, m, path / CONFIG_FILE), error=PackedFormatError
+    )
     tc = config.get("text_config") or config
     counts = sorted({e.num_experts for e in m.layers})
     experts = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (per layer)"
@@ -210,11 +258,13 @@ def info(model: str) -> None:
         f"top-{tc.get('num_experts_per_tok')}",
         f"resident   {_size(m.resident_bytes)} ({len(m.resident_crc32)} tensors, loaded into memory)",
         f"experts    {_size(m.expert_bytes)} (streamed from disk)",
-        *layer_summaries(m.layers),
+        *layer_summaries(m.held_layers),
         f"total      {_size(m.total_bytes)}",
     ]
     if pruned_label(m):
         lines.insert(1, f"pruned     {pruned_label(m)}")
+    if m.stage is not None:
+        lines.insert(1, f"stage      {_held(m)}: runs only as that stage's rank under mlx.launch")
     click.echo("\n".join(lines))
 
 
@@ -233,8 +283,8 @@ def list_models() -> None:
             rows.append((model_id, _size(size), f'incomplete: run "streamer repack {model_id}" to resume'))
             continue
         try:
-            m: Manifest = read_manifest(d)
-            rows.append((model_id, _size(m.total_bytes), f"{len(m.layers)} layers, {m.model_type}"))
+            m: Manifest = read_any_manifest(d)
+            rows.append((model_id, _size(m.total_bytes), f"{_held(m)}, {m.model_type}"))
         except PackedFormatError as e:  # one broken entry must not hide the others
             rows.append((model_id, "?", f"unreadable: {e}"))
     width = max(len(r[0]) for r in rows)

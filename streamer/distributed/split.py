@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import re
-
 from streamer.errors import ConfigError
 from streamer.storage.packed import PackedModel
-
-_LAYER_NAME = re.compile(r"^language_model\.model\.layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    """The decoder layer a resident tensor belongs to, or None (embedding, final norm, output head)."""
-    m = _LAYER_NAME.match(name)
-    return int(m.group(1)) if m else None
+from streamer.storage.packed_format import resident_layer_of
 
 
 def stage_costs(packed: PackedModel) -> tuple[list[int], int]:
-    """Bytes per layer (its resident tensors + its expert file) and the bytes of the rest (rank 0's)."""
+    """Bytes per layer (its resident tensors + its expert file) and the bytes of the rest (rank 0's).
+
+    The whole model's, also from a stage's copy (whose manifest records them), so that every rank
+    computes the same split whatever its directory holds.
+    """
     layers = [entry.file_bytes for entry in packed.manifest.layers]
+    stage = packed.manifest.stage
+    if stage is not None:
+        return [
+            a + b for a, b in zip(layers, stage.resident_layer_bytes, strict=True)
+        ], stage.resident_other_bytes
     rest = 0
     for name, info in packed.resident_tensors().items():
-        i = layer_of(name)
+        i = resident_layer_of(name)
         if i is None:
             rest += info.nbytes
         else:

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from streamer.distributed.split import layer_of
+from streamer.errors import PackedFormatError
 from streamer.experts.budget import default_cache_bytes
 from streamer.experts.runtime import ExpertRuntime, block_shape_of
 from streamer.experts.streamed import StreamedExperts
@@ -32,7 +32,15 @@ from streamer.models.load import _resolve_dtype, assign_weights, quantize_module
 from streamer.models.quantization import QuantSpec
 from streamer.models.qwen3_5_moe import DecoderLayer, Model
 from streamer.settings import RuntimeConfig
-from streamer.storage.packed import PackedModel, read_manifest
+from streamer.storage.packed import PackedModel, _check_size
+from streamer.storage.packed_format import (
+    RESIDENT_FILE,
+    Manifest,
+    check_layer_header,
+    describe_layers,
+    resident_layer_of,
+)
+from streamer.storage.verify import read_any_manifest
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +85,67 @@ class Stage:
         self.runtime.close()
 
 
-def open_stage_packed(path: Path, layers: range) -> PackedModel:
-    """The packed model with only ``layers``' expert files checked (a machine may hold only its own).
+def open_stage_packed(path: Path, layers: range, front: bool = False, rank: int | None = None) -> PackedModel:
+    """The packed model with only what the stage of ``layers`` reads checked: a machine may hold only its
+    own stage's files (some layer files of a whole copy, or a ``streamer repack --layers`` copy).
+
+    Args:
+        front: the stage also runs the embedding and the output head (rank 0).
+        rank: named in errors.
 
     Raises:
-        PackedFormatError: a file of this stage missing or of the wrong size.
+        PackedFormatError: one line naming the rank, the layers it lacks and the command that fixes it.
     """
-    from streamer.storage.packed import _check_size
-    from streamer.storage.packed_format import RESIDENT_FILE, check_layer_header
-
-    manifest = read_manifest(path)
-    _check_size(path / RESIDENT_FILE, manifest.resident_bytes)
+    manifest = read_any_manifest(path)
+    who = "this rank" if rank is None else f"rank {rank}"
+    fix = _stage_fix(path, manifest, layers)
+    stage = manifest.stage
+    if stage is not None:
+        missing = [i for i in layers if i not in stage.layers]
+        if missing or (front and not stage.front):
+            lacks = describe_layers(missing) if missing else "the embedding and output head"
+            raise PackedFormatError(
+                f"{who}: {path} holds only layers {stage.first}-{stage.last} (a pipeline stage's copy), "
+                f"its stage needs {_needs(layers, front)}: it lacks {lacks}; {fix}"
+            )
+    try:
+        _check_size(path / RESIDENT_FILE, manifest.resident_bytes)
+    except PackedFormatError as e:
+        raise PackedFormatError(f"{who}: {e}; {fix}") from None
+    bad: list[tuple[int, PackedFormatError]] = []
     for i in layers:
         entry = manifest.layers[i]
         file = path / entry.file
-        _check_size(file, entry.file_bytes)
-        with open(file, "rb") as f:
-            check_layer_header(f.read(entry.data_offset), entry, file)
+        try:
+            _check_size(file, entry.file_bytes)
+            with open(file, "rb") as f:
+                check_layer_header(f.read(entry.data_offset), entry, file)
+        except PackedFormatError as e:
+            bad.append((i, e))
+    if bad:
+        raise PackedFormatError(
+            f"{who}: {path} lacks files its stage ({_needs(layers, front)}) needs: "
+            f"{describe_layers(i for i, _ in bad)} ({bad[0][1]}); {fix}"
+        )
     return PackedModel(path, manifest)
+
+
+def _needs(layers: range, front: bool) -> str:
+    held = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
+    return held + (" with the embedding and output head" if front else "")
+
+
+def _stage_fix(path: Path, manifest: Manifest, layers: range) -> str:
+    """The command that writes a stage's files on this machine (keeping the intact ones already here)."""
+    if not layers:
+        return 'run "streamer repack SRC DIR --layers FIRST:LAST" for this rank\'s layers'
+    fix = (
+        f'run "streamer repack SRC {path} --layers {layers[0]}:{layers[-1]}" on this machine (SRC: the '
+        f"{manifest.source.get('name')!r} checkpoint; it keeps the intact files already here)"
+    )
+    if manifest.stage is None:
+        fix += ", or copy those experts/layer_NNN.bin files from a whole copy"
+    return fix
 
 
 def stage_cache_bytes(packed: PackedModel, args: ModelArgs, layers: range, config: RuntimeConfig,
@@ -115,13 +166,18 @@ def stage_cache_bytes(packed: PackedModel, args: ModelArgs, layers: range, confi
     return max(minimum, default_cache_bytes(resident_bytes, all_slots))
 
 
-def load_stage(path: Path, config: RuntimeConfig, layers: range, front: bool) -> Stage:
+def load_stage(
+    path: Path, config: RuntimeConfig, layers: range, front: bool, rank: int | None = None
+) -> Stage:
     """Loads ``layers`` of the packed model at ``path``: their resident weights, expert files and cache.
+
+    ``path`` may be a whole packed copy, one missing other stages' expert files, or a pipeline stage's
+    copy (``streamer repack --layers``) that holds ``layers``. ``rank`` is named in errors.
 
     Raises:
         PackedFormatError, CheckpointError, ConfigError: as ``loader.load_streamed``.
     """
-    packed = open_stage_packed(path, layers)
+    packed = open_stage_packed(path, layers, front, rank)
     raw_config = read_config(packed)
     args = ModelArgs.from_dict(raw_config, source=str(path / "config.json"))
     check_matches_config(packed, args)
@@ -167,5 +223,5 @@ def load_stage(path: Path, config: RuntimeConfig, layers: range, front: bool) ->
 
 
 def _held(name: str, layers: range, front: bool) -> bool:
-    i = layer_of(name)
+    i = resident_layer_of(name)
     return front if i is None else i in layers

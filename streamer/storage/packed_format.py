@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,27 @@ _HEADER_FIXED = struct.Struct("<8sIIIIQQ")
 
 
 _HEADER_COMPONENT = struct.Struct("<32s8sQQ")
+
+
+_LAYER_TENSOR = re.compile(r"^language_model\.model\.layers\.(\d+)\.")
+
+
+def resident_layer_of(name: str) -> int | None:
+    """The decoder layer a resident tensor belongs to, or None (embedding, final norm, output head)."""
+    m = _LAYER_TENSOR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def describe_layers(layers: Iterable[int]) -> str:
+    """Layer indices in runs: "layers 0-3, 6" for [0, 1, 2, 3, 6], "layer 2" for [2]."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    word = "layer" if len(runs) == 1 and runs[0][0] == runs[0][1] else "layers"
+    return f"{word} " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def align_up(n: int, alignment: int) -> int:
@@ -146,6 +168,51 @@ def make_layer_entry(layer: int, num_experts: int, components: Sequence[Componen
 
 
 @dataclass(frozen=True)
+class StageRecord:
+    """What a pipeline stage's copy (``streamer repack --layers FIRST:LAST``) holds of the whole model.
+
+    Its expert files are layers FIRST..LAST (inclusive); its resident file holds those layers' resident
+    tensors, plus the embedding, final norm and output head when FIRST is 0 (rank 0's stage holds them).
+    The whole model's resident bytes per layer are kept so that every rank computes the same split.
+    """
+
+    first: int
+    last: int
+    resident_layer_bytes: tuple[int, ...]  # the whole model's resident tensor bytes of each layer
+    resident_other_bytes: int  # the whole model's resident bytes outside any layer (embedding, head, norm)
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.last + 1)
+
+    @property
+    def front(self) -> bool:
+        return self.first == 0
+
+    def holds(self, name: str) -> bool:
+        """Whether the resident tensor ``name`` belongs in this stage's resident file."""
+        i = resident_layer_of(name)
+        return self.front if i is None else i in self.layers
+
+    def to_json(self) -> dict:
+        return {
+            "layers": [self.first, self.last],
+            "resident_layer_bytes": list(self.resident_layer_bytes),
+            "resident_other_bytes": self.resident_other_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, num_layers: int) -> StageRecord:
+        first, last = (int(x) for x in d["layers"])
+        record = cls(
+            first, last, tuple(int(b) for b in d["resident_layer_bytes"]), int(d["resident_other_bytes"])
+        )
+        if not 0 <= first <= last < num_layers or len(record.resident_layer_bytes) != num_layers:
+            raise ValueError(f"stage layers {first}:{last} or its byte table do not fit {num_layers} layers")
+        return record
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a reader needs to find, type and check every byte of a packed model."""
 
@@ -156,10 +223,16 @@ class Manifest:
     layers: tuple[LayerEntry, ...]
     files: dict[str, dict] = field(default_factory=dict)  # copied file -> {"bytes", "crc32"}
     pruned: dict | None = None  # set by `streamer prune`: method, experts kept, the unpruned source
+    stage: StageRecord | None = None  # set by `streamer repack --layers`: a stage's copy, not a whole model
+
+    @property
+    def held_layers(self) -> tuple[LayerEntry, ...]:
+        """The layers whose expert files this copy holds: all, or a stage's."""
+        return self.layers if self.stage is None else self.layers[self.stage.first : self.stage.last + 1]
 
     @property
     def expert_bytes(self) -> int:
-        return sum(e.file_bytes for e in self.layers)
+        return sum(e.file_bytes for e in self.held_layers)
 
     @property
     def total_bytes(self) -> int:
@@ -199,11 +272,21 @@ class Manifest:
         }
         if self.pruned is not None:  # absent otherwise: unpruned manifests (and fingerprints) are unchanged
             doc["pruned"] = self.pruned
+        if self.stage is not None:  # absent from whole copies, as "pruned"
+            doc["stage"] = self.stage.to_json()
         return (json.dumps(doc, indent=1) + "\n").encode()
 
     @classmethod
-    def from_json_bytes(cls, raw: bytes, path: Path) -> Manifest:
-        """Parses and checks a manifest; every bound is checked here, before any file is read."""
+    def from_json_bytes(cls, raw: bytes, path: Path, stage_ok: bool = False) -> Manifest:
+        """Parses and checks a manifest; every bound is checked here, before any file is read.
+
+        Args:
+            stage_ok: accept a pipeline stage's copy (``stage`` set). Readers that need the whole model
+                leave it False, so a stage's copy never passes for a complete one.
+
+        Raises:
+            PackedFormatError: malformed, another version, or (without ``stage_ok``) a stage's copy.
+        """
         anew = _REPACK_ANEW.format(path.parent)
         try:
             doc = json.loads(raw)
@@ -217,7 +300,11 @@ class Manifest:
                 f"{FORMAT_VERSION}: use the streamer that wrote it, or {anew}"
             )
         try:
-            layers = tuple(_layer_from_json(d) for d in doc["layers"])
+            stage = (
+                None if doc.get("stage") is None else StageRecord.from_json(doc["stage"], len(doc["layers"]))
+            )
+            held = range(len(doc["layers"])) if stage is None else stage.layers
+            layers = tuple(_layer_from_json(d, d.get("layer") in held) for d in doc["layers"])
             manifest = cls(
                 model_type=doc["model_type"],
                 source=doc["source"],
@@ -229,6 +316,7 @@ class Manifest:
                     for k, v in doc["files"].items()
                 },
                 pruned=_pruned_from_json(doc.get("pruned")),
+                stage=stage,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PackedFormatError(f"{path}: malformed manifest ({e!r}); {anew}") from None
@@ -237,10 +325,24 @@ class Manifest:
                 check_layer_entry(entry, path, expected_layer=i)
         except PackedFormatError as e:
             raise PackedFormatError(f"{e}; {anew}") from None
+        if stage is not None and not stage_ok:
+            raise PackedFormatError(stage_copy_message(manifest, path.parent))
         return manifest
 
 
 _REPACK_ANEW = 'delete {} and run "streamer repack" again'
+
+
+def stage_copy_message(manifest: Manifest, path: Path) -> str:
+    """Why a stage's copy cannot run as a whole model, and the two ways on."""
+    stage, n = manifest.stage, len(manifest.layers)
+    missing = describe_layers(i for i in range(n) if i not in stage.layers)
+    return (
+        f"{path} holds only layers {stage.first}-{stage.last} of {n} (a pipeline stage's copy, "
+        f"made by streamer repack --layers {stage.first}:{stage.last}); {missing} missing: run it "
+        f'as that stage\'s rank under mlx.launch, or complete it with "streamer repack SRC {path}" '
+        f"(SRC: the {manifest.source.get('name')!r} checkpoint; it keeps the layers already here)"
+    )
 
 
 def _pruned_from_json(d) -> dict | None:
@@ -262,7 +364,8 @@ def pruned_label(manifest: Manifest) -> str | None:
     )
 
 
-def _layer_from_json(d: dict) -> LayerEntry:
+def _layer_from_json(d: dict, held: bool = True) -> LayerEntry:
+    """One layer's entry; a layer a stage's copy does not hold has no checksums (its file was not written)."""
     entry = LayerEntry(
         layer=int(d["layer"]),
         num_experts=int(d["num_experts"]),
@@ -275,7 +378,7 @@ def _layer_from_json(d: dict) -> LayerEntry:
         raise ValueError(
             f"layer {entry.layer}: file {d['file']!r}/{d['file_bytes']} disagrees with its table"
         )
-    if len(entry.crc32) != entry.num_experts:
+    if len(entry.crc32) != (entry.num_experts if held else 0):
         raise ValueError(f"layer {entry.layer}: {len(entry.crc32)} crc rows, {entry.num_experts} experts")
     return entry
 

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamer.errors import CheckpointError
+from streamer.errors import CheckpointError, PackedFormatError
 from streamer.storage.files import crc32_file, fsync_dir, read_into, write_all, write_atomic
 from streamer.storage.packed_format import (
     EXPERTS_DIR,
@@ -44,12 +44,19 @@ from streamer.storage.repack_destination import (
     _check_space,
     _drop_incomplete,
     _locked,
+    _same_source,
     inspect_destination,
     recheck_complete,
 )
 from streamer.storage.repack_plan import DestinationError, RepackPlan
 from streamer.storage.safetensors_file import TensorInfo
-from streamer.storage.verify import verify_layer_file, verify_resident_file
+from streamer.storage.verify import (
+    check_held_files,
+    packed_checks,
+    read_any_manifest,
+    verify_layer_file,
+    verify_resident_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +148,8 @@ def run_repack(
             else, or the disk is (or would be) full. Nothing written ever looks complete.
     """
     start = time.monotonic()
-    status, journal = inspect_destination(plan)
+    plan = plan_for_destination(plan)
+    status, journal = destination_status(plan)
     expected = status  # what the shallow inspection must still say once DST is locked
     if status == "complete":
         # Sizes and headers match, so re-read every byte before saying "already packed": damage
@@ -150,7 +158,7 @@ def run_repack(
         # with the page cache warm on 2 shared cores (3.7 GB in 0.99 s; CRC-bound at ~4 GB/s), so a
         # 223 GB model takes ~1 min CPU-bound, or its SSD read time (~1 min at 3-4 GB/s) when cold.
         # Repack is an explicit command, and a sampled check would miss a single damaged block.
-        journal = recheck_complete(plan, check_progress)
+        journal = _recheck(plan, check_progress)
         if journal is None:
             if _leftovers(plan.dst):  # a run killed after writing the manifest, before cleaning up
                 with _locked(plan.dst):
@@ -162,10 +170,10 @@ def run_repack(
     _check_space(plan, plan.total_bytes + plan.files_bytes - done)  # before creating anything
     plan.dst.mkdir(parents=True, exist_ok=True)
     with _locked(plan.dst):
-        if inspect_destination(plan)[0] != expected:
+        if destination_status(plan)[0] != expected:
             raise DestinationError(f"{plan.dst} changed while starting; run the command again")
         write_atomic(plan.dst / PROGRESS_FILE, journal.to_bytes())
-        if status == "repair":  # from here on DST must not look complete until the manifest is rewritten
+        if status in ("repair", "adopt"):  # DST must not look complete until the manifest is rewritten
             (plan.dst / MANIFEST_FILE).unlink()
             fsync_dir(plan.dst)
         report = _Progress(plan.total_bytes, done, progress)
@@ -181,8 +189,105 @@ def run_repack(
             raise
         finally:
             sources.close()
-    outcome = {"resume": "resumed", "repair": "repaired"}.get(status, "packed")
+    outcome = {"resume": "resumed", "adopt": "resumed", "repair": "repaired"}.get(status, "packed")
     return RepackResult(plan.dst, outcome, report.written, time.monotonic() - start)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A pipeline stage's copy (--layers) at DST: repack_destination reads whole copies only.
+
+
+def _copy_at(dst: Path) -> Manifest | None:
+    """DST's manifest, a whole copy's or a stage's, or None when DST has none."""
+    return read_any_manifest(dst) if (dst / MANIFEST_FILE).is_file() else None
+
+
+def _stage_copy(dst: Path) -> Manifest | None:
+    """DST's manifest when DST is a pipeline stage's copy, else None."""
+    copy = _copy_at(dst)
+    return copy if copy is not None and copy.stage is not None else None
+
+
+def plan_for_destination(plan: RepackPlan) -> RepackPlan:
+    """``plan``, or its whole-model plan when it is a stage's and DST holds an intact whole copy (sizes
+    and headers) of the same source: a whole copy serves every stage, and would shrink to one otherwise."""
+    if plan.stage is None:
+        return plan
+    copy = _copy_at(plan.dst)
+    if copy is None or copy.stage is not None or not _same_source(copy.source, plan):
+        return plan
+    try:
+        check_held_files(plan.dst, copy)
+    except PackedFormatError:
+        return plan  # a machine holding some of a whole copy's files: becomes this stage's copy
+    return plan.whole()
+
+
+def destination_status(plan: RepackPlan) -> tuple[str, Journal | None]:
+    """``repack_destination.inspect_destination``, knowing stage copies too. A stage's copy at DST is
+    "complete" / "repair" when it is the one ``plan`` writes; "adopt" when it is another stage's, or
+    ``plan`` is a whole model's and DST a stage's copy, or the reverse: the intact layer files that
+    ``plan`` writes are kept, the rest is written.
+
+    Raises:
+        DestinationError: DST holds another model, or something that is not a packed model.
+    """
+    copy = _copy_at(plan.dst)
+    if copy is None or (copy.stage is None and plan.stage is None):
+        return inspect_destination(plan)
+    if not _same_source(copy.source, plan):
+        raise DestinationError(
+            f"{plan.dst} holds a packed copy of another checkpoint ({copy.source.get('name')}); choose "
+            "another destination or delete it"
+        )
+    if copy.stage != plan.stage:
+        return "adopt", _journal_from_copy(copy, plan)
+    try:
+        check_held_files(plan.dst, copy)
+    except PackedFormatError as e:
+        log.warning("%s is damaged (%s): rewriting what is damaged", plan.dst, e)
+        return "repair", _journal_from_copy(copy, plan)
+    return "complete", None
+
+
+def _journal_from_copy(copy: Manifest, plan: RepackPlan) -> Journal:
+    """What a copy at DST holds that ``plan`` writes: its layers (``_drop_incomplete`` checks their sizes
+    and headers again before they are kept), and its resident file when it is the same stage's."""
+    journal = Journal(copy.source, plan.plan_sha256())
+    held = {e.layer for e in plan.held_layers}
+    journal.layers = {e.layer: e.crc32 for e in copy.held_layers if e.layer in held}
+    if copy.stage == plan.stage and copy.resident_bytes == plan.resident_bytes:
+        journal.resident_crc32 = dict(copy.resident_crc32)
+    return journal
+
+
+def _recheck(plan: RepackPlan, progress: ProgressFn | None) -> Journal | None:
+    """``recheck_complete`` for a whole or a stage's copy: None if every checksum of what DST holds
+    matches, else the journal without the damaged steps."""
+    copy = _stage_copy(plan.dst)
+    if copy is None:
+        return recheck_complete(plan, progress)
+    total, checked = copy.total_bytes, 0
+
+    def step(n: int) -> None:
+        nonlocal checked
+        checked += n
+        if progress:
+            progress(checked, total)
+
+    journal = _journal_from_copy(copy, plan)
+    damaged = False
+    for part, _, check in packed_checks(plan.dst, copy, step):
+        try:
+            check()
+        except PackedFormatError as e:
+            log.warning("%s is damaged (%s): rewriting what is damaged", plan.dst, e)
+            damaged = True
+            if part == RESIDENT_FILE:
+                journal.resident_crc32 = None
+            elif isinstance(part, int):
+                journal.layers.pop(part, None)
+    return journal if damaged else None
 
 
 def _write_all_steps(
@@ -201,11 +306,12 @@ def _write_all_steps(
         if after_layer:
             after_layer(entry.layer)
 
+    held = {e.layer for e in plan.held_layers}
     # Layer N is verified (re-read, checksummed, renamed) while layer N+1 is copied.
     with ThreadPoolExecutor(1, thread_name_prefix="repack-verify") as verifier:
         pending = None
         for entry, srcs in zip(plan.layers, plan.sources, strict=True):
-            if entry.layer in journal.layers:
+            if entry.layer in journal.layers or entry.layer not in held:
                 continue
             written = _write_layer(dst, entry, srcs, sources, report)
             if pending:
@@ -219,8 +325,13 @@ def _write_all_steps(
         source=journal.source,
         resident_bytes=plan.resident_bytes,
         resident_crc32=journal.resident_crc32,
-        layers=tuple(dataclasses.replace(e, crc32=journal.layers[e.layer]) for e in plan.layers),
+        # A stage's copy records the layout of every layer, checksums only of those it holds.
+        layers=tuple(
+            dataclasses.replace(e, crc32=journal.layers[e.layer] if e.layer in held else ())
+            for e in plan.layers
+        ),
         files=files,
+        stage=plan.stage,
     )
     write_atomic(dst / MANIFEST_FILE, manifest.to_json_bytes())  # the step that makes DST complete
     _remove_leftovers(dst)

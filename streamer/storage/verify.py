@@ -4,15 +4,29 @@ each layer it writes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from streamer.errors import PackedFormatError
 from streamer.storage.files import CHUNK_BYTES, Progress, crc32_file, read_into
-from streamer.storage.packed import _check_size, _read_resident_header, open_packed, repair_hint
-from streamer.storage.packed_format import RESIDENT_FILE, LayerEntry, Manifest, check_layer_header
+from streamer.storage.packed import (
+    _check_size,
+    _read_resident_header,
+    check_packed_files,
+    read_manifest,
+    repair_hint,
+)
+from streamer.storage.packed_format import (
+    MANIFEST_FILE,
+    RESIDENT_FILE,
+    LayerEntry,
+    Manifest,
+    check_layer_header,
+    describe_layers,
+)
 
 
 def verify_layer_file(file: Path, entry: LayerEntry, progress: Progress | None = None) -> None:
@@ -86,10 +100,11 @@ def verify_resident_file(
 
 
 def packed_checks(
-    path: Path, m: Manifest, progress: Progress | None = None
+    path: Path, m: Manifest, progress: Progress | None = None, layers: Sequence[LayerEntry] | None = None
 ) -> list[tuple[str | int, Path, Callable[[], None]]]:
     """Every check of a packed copy, in the order verify runs them: (part, file, check). ``part`` is a
-    copied file's name, ``RESIDENT_FILE``, or a layer index; ``check()`` raises PackedFormatError."""
+    copied file's name, ``RESIDENT_FILE``, or a layer index; ``check()`` raises PackedFormatError.
+    ``layers``: the expert files to check (default: every file the copy holds, ``m.held_layers``)."""
     checks: list[tuple[str | int, Path, Callable[[], None]]] = [
         (name, path / name, lambda name=name, meta=meta: verify_copied_file(path / name, meta, progress))
         for name, meta in m.files.items()
@@ -102,24 +117,81 @@ def packed_checks(
         )
     )
     checks += [
-        (e.layer, path / e.file, lambda e=e: verify_layer_file(path / e.file, e, progress)) for e in m.layers
+        (e.layer, path / e.file, lambda e=e: verify_layer_file(path / e.file, e, progress))
+        for e in (m.held_layers if layers is None else layers)
     ]
     return checks
 
 
-def verify_packed(path: str | os.PathLike, progress: Progress | None = None) -> Manifest:
+def read_any_manifest(path: str | os.PathLike) -> Manifest:
+    """The manifest of a whole packed copy or of a pipeline stage's copy (``Manifest.stage`` set)."""
+    file = Path(path) / MANIFEST_FILE
+    if not file.is_file():
+        return read_manifest(path)  # raises, saying whether a repack is unfinished
+    return Manifest.from_json_bytes(file.read_bytes(), file, stage_ok=True)
+
+
+def check_held_files(path: Path, m: Manifest, layers: Sequence[LayerEntry] | None = None) -> None:
+    """``packed.check_packed_files`` (sizes, headers, resident names) over the expert files a copy holds
+    (or ``layers`` of them): a stage's copy has no others."""
+    check_packed_files(
+        path, dataclasses.replace(m, layers=tuple(m.held_layers if layers is None else layers))
+    )
+
+
+def select_layers(m: Manifest, layers: range | None) -> tuple[LayerEntry, ...]:
+    """The entries of ``layers`` (None: every layer the copy holds).
+
+    Raises:
+        PackedFormatError: the copy is a stage's that does not hold all of ``layers``.
+    """
+    if layers is None:
+        return m.held_layers
+    held = {e.layer for e in m.held_layers}
+    missing = [i for i in layers if i not in held]
+    if missing:
+        raise PackedFormatError(
+            f"this copy holds {describe_layers(held)} only (a pipeline stage's copy), not "
+            f"{describe_layers(missing)}: verify --layers within those it holds"
+        )
+    return tuple(m.layers[i] for i in layers)
+
+
+def verify_packed(
+    path: str | os.PathLike, progress: Progress | None = None, layers: range | None = None
+) -> Manifest:
     """Re-checks every checksum and bound of a packed model: copied files, resident tensors, experts.
+
+    A pipeline stage's copy (``streamer repack --layers``) is checked over the layers it holds.
+
+    Args:
+        layers: check only these layers' expert files (the copied files and resident tensors always).
 
     Raises:
         PackedFormatError: naming the first bad file / tensor / layer / expert / component.
     """
-    model = open_packed(path)
-    for _, file, check in packed_checks(model.path, model.manifest, progress):
+    path = Path(path)
+    m = read_any_manifest(path)
+    entries = select_layers(m, layers)
+    try:
+        check_held_files(path, m, entries)
+    except PackedFormatError as e:
+        raise PackedFormatError(f"{e}; {stage_repair_hint(path, m)}") from None
+    for _, file, check in packed_checks(path, m, progress, entries):
         try:
             check()
         except PackedFormatError as e:
-            raise PackedFormatError(f"{e}; {repair_hint(model.path, model.manifest, file)}") from None
-    return model.manifest
+            raise PackedFormatError(f"{e}; {stage_repair_hint(path, m, file)}") from None
+    return m
+
+
+def stage_repair_hint(path: Path, m: Manifest, file: Path | None = None) -> str:
+    """``packed.repair_hint``, with a stage's copy repaired by the same ``--layers`` that made it (without
+    them, repack would complete the copy into a whole model)."""
+    hint = repair_hint(path, m, file)
+    if m.stage is None:
+        return hint
+    return hint.replace(f' {path}"', f' {path} --layers {m.stage.first}:{m.stage.last}"')
 
 
 def verify_copied_file(file: Path, meta: dict, progress: Progress | None = None) -> None:
