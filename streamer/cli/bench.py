@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from streamer.cli.options import open_engine, resolve_model, with_runtime
+from streamer.cli.options import resolve_model, with_runtime
+from streamer.cli.pipeline import open_engine_for_rank, pipeline_options, rank_lines, refuse_under_pipeline
 from streamer.errors import ConfigError
 
 
@@ -51,10 +52,11 @@ from streamer.errors import ConfigError
     help="The text --compare-exact reads (default: streamer's own Python sources).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pipeline_options
 @with_runtime
 def bench(
     model, prompt_tokens, decode_tokens, concurrency, trace, disk_test, compare_exact, compare_tokens,
-    compare_text, as_json, runtime, resident,
+    compare_text, as_json, runtime, resident, pipeline,
 ):  # fmt: skip
     """Measure prompt and decode speed of MODEL (the demo when omitted) with the given cache flags.
 
@@ -73,7 +75,11 @@ def bench(
     from streamer.tuning.divergence import measure_divergence
     from streamer.tuning.trace import RouteTrace
 
-    with open_engine(model, runtime, resident) as engine:
+    if trace:
+        refuse_under_pipeline("--trace")
+    if compare_exact:
+        refuse_under_pipeline("--compare-exact")
+    with open_engine_for_rank(model, runtime, resident, pipeline) as engine:
         if trace and engine.runtime is None:
             raise ConfigError(
                 "--trace needs a packed model (a --resident run has no expert routing to record)"
@@ -126,6 +132,8 @@ def _print_bench(r: dict) -> None:
 
     _print_speed(r)
     click.echo(f"routing: {describe_routing(r['routing'])}")
+    for line in rank_lines(r.get("ranks", [])):
+        click.echo(line)
     if "compare_exact" in r:
         c = r["compare_exact"]
         click.echo(

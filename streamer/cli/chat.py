@@ -15,7 +15,8 @@ import sys
 
 import click
 
-from streamer.cli.options import open_engine, sampling_options, with_runtime
+from streamer.cli.options import sampling_options, with_runtime
+from streamer.cli.pipeline import open_engine_for_rank, pipeline_options, rank_lines
 from streamer.errors import StreamerError
 from streamer.generation.chat_session import DEFAULT_MAX_TOKENS, ChatChunk, ChatSession, TurnStats
 from streamer.generation.generate import PREFILL_CHUNK
@@ -64,9 +65,10 @@ _VISIBLE |= {c: 0xFFFD for c in range(0x80, 0xA0)}
     "--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Seed for sampling (reproducible runs)."
 )
 @sampling_options()
+@pipeline_options
 @with_runtime
 def chat(
-    model, system, think, hide_thinking, max_tokens, seed, sampling_overrides, runtime, resident,
+    model, system, think, hide_thinking, max_tokens, seed, sampling_overrides, runtime, resident, pipeline,
 ):  # fmt: skip
     """Chat with MODEL (a packed model, a hub id packed before, or the demo when omitted).
 
@@ -80,7 +82,7 @@ def chat(
       echo "Why is the sky blue?" | streamer chat ./packed --no-think --temp 0
     """
     overrides = {**sampling_overrides, "seed": seed}
-    with open_engine(model, runtime, resident) as engine:
+    with open_engine_for_rank(model, runtime, resident, pipeline) as engine:
         model_config = engine.tokenizer.generation_config
         thinking = model_thinks_by_default(model_config) if think is None else think
         defaults = default_sampling_params(model_config, thinking=thinking)
@@ -204,6 +206,8 @@ class _ChatLoop:
             self._note("system prompt set" if arg else "system prompt removed")
         elif name == "/stats":
             self._note(self._totals_line())
+            for line in rank_lines(self.session.totals()["ranks"]):
+                self._note("  " + line)
         elif name in ("/save", "/load"):
             self._session_command(name, arg)
         else:

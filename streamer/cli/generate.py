@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from streamer.cli.options import sampling_options, with_runtime
-from streamer.cli.pipeline import open_engine_for_rank, pipeline_options
+from streamer.cli.pipeline import open_engine_for_rank, pipeline_options, rank_lines
 from streamer.errors import ConfigError
 from streamer.generation.generate import stream_generate
 from streamer.generation.sampling import SamplingParams, make_sampler, model_thinks_by_default
@@ -156,6 +156,7 @@ def _print_stats(s: dict) -> None:
         if s.get("predicted"):
             lines.append(f"next-layer prediction: {100 * s['predicted_right'] / s['predicted']:.1f}% right")
     lines.append(describe_routing(s["routing"], short=True))
+    lines += rank_lines(s.get("ranks", []))
     for line in lines:
         click.echo(line, err=True)
     sys.stderr.flush()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from streamer.cli.options import open_engine, sampling_options, with_runtime
+from streamer.cli.pipeline import join_pipeline, pipeline_options
 from streamer.generation.scheduler import DEFAULT_MAX_BATCH, PREFILL_CHUNK
 from streamer.serve.http import ServeConfig, start_server
 from streamer.serve.worker import BatchSettings
@@ -99,11 +100,12 @@ DEFAULT_STATE_GB = 2.0
     "(prompt + max_tokens); more requests wait, and one that cannot fit alone is refused.",
 )
 @sampling_options(" Default for requests that do not set it (else the model's recommendation).")
+@pipeline_options
 @with_runtime
 def serve(
     model, host, port, api_key, model_names, any_model, think, max_tokens, context_length,
     prefix_cache_gb, prefix_cache_entries, cors_origins, max_batch, prefill_chunk, max_state_gb,
-    sampling_overrides, runtime, resident,
+    sampling_overrides, runtime, resident, pipeline,
 ):  # fmt: skip
     """Serve MODEL over HTTP with the OpenAI and Anthropic APIs (the demo model when omitted).
 
@@ -132,7 +134,11 @@ def serve(
         click.echo(
             f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True
         )
-    server = start_server(lambda: open_engine(model, runtime, resident), config)
+    rank = join_pipeline(model, runtime, resident, pipeline)  # under mlx.launch: rank 0 serves HTTP
+    if rank is not None and rank.rank != 0:
+        rank.serve_until_stopped()
+    load = rank.load_engine if rank is not None else (lambda: open_engine(model, runtime, resident))
+    server = start_server(load, config)
     click.echo(
         f"serving {config.model_names[0]}: OpenAI API at {server.url}/v1, Anthropic API at {server.url}",
         err=True,

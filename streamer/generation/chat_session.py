@@ -349,7 +349,8 @@ class ChatSession:
 
     def totals(self) -> dict:
         """Cumulative numbers over this session's turns, and the expert cache since it started."""
-        now = self._expert_stats()
+        stats = self.engine.stats()
+        now = {k: stats[k] for k in _EXPERT_KEYS if k in stats}
         expert = {k: v - self._stats_at_start.get(k, 0) for k, v in now.items()}
         return {
             "turns": len(self.turns),
@@ -358,13 +359,19 @@ class ChatSession:
             "prefill_s": sum(t.prefill_s for t in self.turns),
             "decode_s": sum(t.decode_s for t in self.turns),
             "expert": expert,
-            "cache_bytes": self.engine.stats().get("cache_bytes"),
+            "cache_bytes": stats.get("cache_bytes"),
+            "ranks": stats.get("ranks", []),  # a pipeline across ranks: each one's totals since it started
         }
 
     # ---- sessions on disk ---------------------------------------------------------------------------
 
     def export_state(self) -> SessionState:
-        """The conversation and model state, for ``session.write_session``."""
+        """The conversation and model state, for ``session.write_session``.
+
+        Raises:
+            SessionError: the model runs as a pipeline across ranks (their layers' state stays there).
+        """
+        self._check_one_process()
         boundary = None
         if self._last is not None:
             cache = self.engine.model.make_cache()
@@ -381,12 +388,20 @@ class ChatSession:
             enable_thinking=self.enable_thinking,
         )
 
+    def _check_one_process(self) -> None:
+        if _spans_processes(self.cache):
+            raise SessionError(
+                "sessions are saved and loaded on one process: here the model runs as a pipeline across "
+                "ranks, which keep their layers' state; run chat without mlx.launch to use sessions"
+            )
+
     def import_state(self, state: SessionState, source: str = "the session") -> None:
         """Continues the conversation ``state`` holds (made by ``export_state``, perhaps in another run).
 
         Raises:
             SessionError: the state belongs to another model or dtype, or does not fit this model.
         """
+        self._check_one_process()
         check_compatible(state, self.identity, dtype_name(self.engine.model.dtype), source)
         cache = self.engine.model.make_cache()
         if len(state.caches) != len(cache) or any(
@@ -406,6 +421,10 @@ class ChatSession:
             restore_caches(self.cache, state.boundary)
             self._remember(state.token_ids[: state.boundary_tokens])
             self.cache = live
+
+
+def _spans_processes(cache: list) -> bool:
+    return hasattr(cache, "snapshot_remote")  # distributed.pipeline.StageCache
 
 
 def _state_arrays(cache: list) -> list[mx.array]:

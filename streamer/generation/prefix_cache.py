@@ -124,6 +124,8 @@ class ModelState:
     length: int  # tokens the state has seen
     segments: tuple[KVSegment, ...]  # contiguous from position 0 to ``length``
     recurrent: tuple  # per layer: a DeltaNetSnapshot, or None for a full-attention layer
+    # The layers other processes hold (a pipeline: ``distributed.pipeline.RemoteState``), kept there.
+    remote: object = None
 
 
 def capture_state(cache: list, base: ModelState | None) -> tuple[ModelState, int]:
@@ -149,7 +151,11 @@ def capture_state(cache: list, base: ModelState | None) -> tuple[ModelState, int
     segments = base.segments if base else ()
     if length > start and kv_arrays:
         segments += (KVSegment(start, length, kv, sum(a.nbytes for a in kv_arrays)),)
-    return ModelState(length, segments, recurrent), sum(a.nbytes for a in own_arrays)
+    # Other ranks' layers are snapshotted whole there (no segments shared across turns): their bytes
+    # count as this snapshot's own.
+    remote = cache.snapshot_remote() if hasattr(cache, "snapshot_remote") else None
+    own = sum(a.nbytes for a in own_arrays) + (remote.nbytes if remote is not None else 0)
+    return ModelState(length, segments, recurrent, remote), own
 
 
 def restore_state(cache: list, state: ModelState) -> None:
@@ -163,6 +169,8 @@ def restore_state(cache: list, state: ModelState) -> None:
         if len(keys) > 1:
             keys, values = [mx.concatenate(keys, axis=2)], [mx.concatenate(values, axis=2)]
         layer_cache.restore(KVSnapshot(keys[0], values[0], state.length))
+    if state.remote is not None:
+        cache.restore_remote(state.remote)
 
 
 def _arrays(snap) -> list[mx.array]:

@@ -184,9 +184,21 @@ class RaggedBatch:
         return mx.concatenate([mixer(span, m) for span, m in zip(spans, self.members, strict=True)], axis=1)
 
 
-def ragged_caches(caches: list[list[LayerCache]], lengths: list[int]) -> list[RaggedBatch]:
+class CacheBatch(list):
+    """Per-layer batches (``KVBatch`` / ``DeltaNetBatch`` / ``RaggedBatch``) that remember the sequences'
+    own cache lists they were made from: a model whose state is not all in this process (a pipeline
+    across ranks) names the sequences to the others by them."""
+
+    def __init__(self, layers: list, sequences: list[list[LayerCache]], lengths: list[int] | None = None):
+        super().__init__(layers)
+        self.sequences = sequences
+        self.lengths = lengths  # the ragged spans, or None for one new token per sequence
+
+
+def ragged_caches(caches: list[list[LayerCache]], lengths: list[int]) -> CacheBatch:
     """Per-sequence layer caches -> per-layer ragged batches, for one call over their prompts end to end."""
-    return [RaggedBatch(list(members), lengths) for members in zip(*caches, strict=True)]
+    layers = [RaggedBatch(list(members), lengths) for members in zip(*caches, strict=True)]
+    return CacheBatch(layers, list(caches), list(lengths))
 
 
 def _stacked(states: list[mx.array | None]) -> mx.array | None:
@@ -197,21 +209,29 @@ def _stacked(states: list[mx.array | None]) -> mx.array | None:
     return mx.concatenate(states, axis=0)
 
 
-def batch_caches(caches: list[list[LayerCache]]) -> list[KVBatch | DeltaNetBatch]:
+def batch_caches(caches: list[list[LayerCache]]) -> CacheBatch:
     """Per-sequence layer caches -> per-layer batches, for one model call over all the sequences."""
     layers = []
     for members in zip(*caches, strict=True):
         layers.append(
             KVBatch(list(members)) if isinstance(members[0], KVCache) else DeltaNetBatch(list(members))
         )
-    return layers
+    return CacheBatch(layers, list(caches))
 
 
 def snapshot_caches(caches: list[LayerCache]) -> list:
-    """A snapshot of every layer's state, to hand back to ``restore_caches``."""
+    """A snapshot of every layer's state, to hand back to ``restore_caches``.
+
+    A cache list holding state in other processes too (``distributed.pipeline.StageCache``) has its own
+    ``snapshot`` / ``restore``, which take those parts along."""
+    if hasattr(caches, "snapshot"):
+        return caches.snapshot()
     return [c.snapshot() for c in caches]
 
 
 def restore_caches(caches: list[LayerCache], snapshots: list) -> None:
+    if hasattr(caches, "restore"):
+        caches.restore(snapshots)
+        return
     for c, s in zip(caches, snapshots, strict=True):
         c.restore(s)

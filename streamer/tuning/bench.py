@@ -127,6 +127,7 @@ def run_bench(
         "streamed": runtime is not None,
         "concurrency": concurrency,
         "cache_bytes": after.get("cache_bytes"),
+        **({"ranks": after["ranks"]} if "ranks" in after else {}),  # a pipeline: each rank, run totals
         "expert_bytes": runtime.packed.manifest.expert_bytes if runtime else None,
         "prompt": prompt_phase.to_json(),
         "decode": decode_phase.to_json(),
