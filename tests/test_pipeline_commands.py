@@ -215,3 +215,22 @@ def test_pipeline_state_survives_ids_being_freed():
     assert state.caches_of(10)[0].offset == 3
     state.free({"free": [7, 9], "free_snaps": [8]})
     assert set(state.caches) == {10} and not state.snaps
+
+
+@pytest.mark.slow
+def test_serve_ends_with_one_line_when_a_rank_dies(packed, tmp_path):  # noqa: F811
+    os.environ["STREAMER_PIPELINE_FAULT"] = "1:2:exit"  # rank 1 dies at its second model call
+    try:
+        two = Server(packed, tmp_path, 2, "--pipeline-timeout", "30")
+    finally:
+        del os.environ["STREAMER_PIPELINE_FAULT"]
+    try:
+        two.wait_listening()
+        with pytest.raises(OSError):  # the request's connection closes: the server is gone
+            two.post("/v1/completions", _completion(PROMPTS[0]))
+        two.proc.wait(60)  # ends by itself, within a bounded time
+        err = "".join(two.lines)
+        assert "Traceback" not in err, err
+        assert "rank 0: lost the connection to rank 1" in err or "rank 1 exited with code 3" in err, err
+    finally:
+        two.kill()

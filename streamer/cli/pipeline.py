@@ -68,16 +68,18 @@ class PipelineRank:
     def rank(self) -> int:
         return self.group.rank()
 
-    def load_engine(self):
+    def load_engine(self, exit_on_loss: bool = False):
         """Rank 0's engine (a ``PipelinedEngine``; closing it stops the other ranks). Call it on the thread
-        that will run the model: MLX's streams belong to a thread."""
-        from streamer.distributed.pipeline import Link, make_engine
+        that will run the model: MLX's streams belong to a thread. With ``exit_on_loss`` a rank that goes
+        away ends this process with one line (a server: it could answer nothing more)."""
+        from streamer.distributed.pipeline import Link, exit_now, make_engine
         from streamer.distributed.stage import load_stage
         from streamer.text.tokenizer import Tokenizer
 
         with sigint_blocked():
             stage = load_stage(self.path, self.config, self.layers, front=True)
-        return make_engine(stage, Link(self.group, self.timeout_s), Tokenizer(self.path), self.path)
+        link = Link(self.group, self.timeout_s, on_lost=exit_now if exit_on_loss else None)
+        return make_engine(stage, link, Tokenizer(self.path), self.path)
 
     def serve_until_stopped(self) -> NoReturn:
         """A rank other than 0: serves its stage until rank 0 is done, then ends the command (exit status
@@ -171,10 +173,10 @@ def _init_group(timeout_s: float):
     """``mx.distributed.init`` bounded by ``timeout_s`` (a ring waits for every peer to connect)."""
     import mlx.core as mx
 
-    from streamer.distributed.pipeline import _exit_unanswered
+    from streamer.distributed.pipeline import exit_now
 
     timer = threading.Timer(
-        timeout_s, _exit_unanswered,
+        timeout_s, exit_now,
         (f"rank {os.environ.get('MLX_RANK', '?')}: the other ranks did not connect within {timeout_s:g} s; "
          "check the hostfile and that every rank was started",),
     )  # fmt: skip

@@ -137,7 +137,10 @@ def serve(
     rank = join_pipeline(model, runtime, resident, pipeline)  # under mlx.launch: rank 0 serves HTTP
     if rank is not None and rank.rank != 0:
         rank.serve_until_stopped()
-    load = rank.load_engine if rank is not None else (lambda: open_engine(model, runtime, resident))
+    if rank is not None:
+        load = lambda: rank.load_engine(exit_on_loss=True)  # noqa: E731
+    else:
+        load = lambda: open_engine(model, runtime, resident)  # noqa: E731
     server = start_server(load, config)
     click.echo(
         f"serving {config.model_names[0]}: OpenAI API at {server.url}/v1, Anthropic API at {server.url}",

@@ -46,8 +46,10 @@ class PipelineError(StreamerError):
     """A peer rank closed the connection, or the ranks disagree about the protocol."""
 
 
-def _exit_unanswered(message: str) -> None:
-    # A blocked recv inside MLX cannot be interrupted from Python: ending the process is the only way out.
+def exit_now(message: str) -> None:
+    """Prints ``streamer: message`` and ends the process at once (exit status 1).
+
+    A blocked recv inside MLX cannot be interrupted from Python: ending the process is the only way out."""
     sys.stderr.write(f"streamer: {message}\n")
     sys.stderr.flush()
     os._exit(1)
@@ -58,16 +60,24 @@ class Link:
 
     Args:
         group: the ``mx.distributed`` group.
+        on_lost: called with the message when a peer closes the connection (e.g. to end a server at once:
+            a pipeline without one of its ranks can answer nothing more); by default PipelineError is raised.
         timeout_s: the longest one send or receive may wait; then ``on_timeout(message)`` runs (by default
             it prints the message and ends the process).
     """
 
-    def __init__(self, group, timeout_s: float, on_timeout: Callable[[str], None] = _exit_unanswered):
+    def __init__(
+        self,
+        group,
+        timeout_s: float,
+        on_timeout: Callable[[str], None] = exit_now,
+        on_lost: Callable[[str], None] | None = None,
+    ):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.timeout_s = timeout_s
-        self.on_timeout = on_timeout
+        self.on_timeout, self.on_lost = on_timeout, on_lost
         self.wait_s = 0.0  # time spent in receives (waiting on the other stages and the wire)
         self.bytes_sent = 0
         self.broken = False  # a peer is gone: nothing more is sent
@@ -102,7 +112,10 @@ class Link:
             mx.eval(x)
         except RuntimeError as e:
             self.broken = True
-            raise PipelineError(f"rank {self.rank}: lost the connection to rank {peer} ({e})") from None
+            message = f"rank {self.rank}: lost the connection to rank {peer} ({e})"
+            if self.on_lost is not None:
+                self.on_lost(message)
+            raise PipelineError(message) from None
         finally:
             timer.cancel()
 
