@@ -210,11 +210,12 @@ def _stage_copy(dst: Path) -> Manifest | None:
 
 def plan_for_destination(plan: RepackPlan) -> RepackPlan:
     """``plan``, or its whole-model plan when it is a stage's and DST holds an intact whole copy (sizes
-    and headers) of the same source: a whole copy serves every stage, and would shrink to one otherwise."""
+    and headers): a whole copy serves every stage, and would shrink to one otherwise. (A copy of another
+    source is refused by ``destination_status`` either way.)"""
     if plan.stage is None:
         return plan
     copy = _copy_at(plan.dst)
-    if copy is None or copy.stage is not None or not _same_source(copy.source, plan):
+    if copy is None or copy.stage is not None:
         return plan
     try:
         check_held_files(plan.dst, copy)
@@ -225,7 +226,7 @@ def plan_for_destination(plan: RepackPlan) -> RepackPlan:
 
 def destination_status(plan: RepackPlan) -> tuple[str, Journal | None]:
     """``repack_destination.inspect_destination``, knowing stage copies too. A stage's copy at DST is
-    "complete" / "repair" when it is the one ``plan`` writes; "adopt" when it is another stage's, or
+    "complete" (to be re-checked) when it is the one ``plan`` writes; "adopt" when it is another stage's, or
     ``plan`` is a whole model's and DST a stage's copy, or the reverse: the intact layer files that
     ``plan`` writes are kept, the rest is written.
 
@@ -242,22 +243,17 @@ def destination_status(plan: RepackPlan) -> tuple[str, Journal | None]:
         )
     if copy.stage != plan.stage:
         return "adopt", _journal_from_copy(copy, plan)
-    try:
-        check_held_files(plan.dst, copy)
-    except PackedFormatError as e:
-        log.warning("%s is damaged (%s): rewriting what is damaged", plan.dst, e)
-        return "repair", _journal_from_copy(copy, plan)
-    return "complete", None
+    return "complete", None  # _recheck reads every byte it holds: a missing file is damage too
 
 
 def _journal_from_copy(copy: Manifest, plan: RepackPlan) -> Journal:
-    """What a copy at DST holds that ``plan`` writes: its layers (``_drop_incomplete`` checks their sizes
-    and headers again before they are kept), and its resident file when it is the same stage's."""
+    """What a copy at DST holds that ``plan`` writes: its layers and resident file, which
+    ``_drop_incomplete`` keeps only where size and header are the plan's (another stage's resident file
+    never is: its header lists other tensors)."""
     journal = Journal(copy.source, plan.plan_sha256())
     held = {e.layer for e in plan.held_layers}
     journal.layers = {e.layer: e.crc32 for e in copy.held_layers if e.layer in held}
-    if copy.stage == plan.stage and copy.resident_bytes == plan.resident_bytes:
-        journal.resident_crc32 = dict(copy.resident_crc32)
+    journal.resident_crc32 = dict(copy.resident_crc32)  # kept only if its header is the plan's
     return journal
 
 

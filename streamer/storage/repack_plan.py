@@ -151,12 +151,12 @@ def parse_layers(text: str, num_layers: int) -> range:
         ConfigError: naming the flag, what is wrong and the form it takes.
     """
     form = f"--layers takes FIRST:LAST, both included, counted from 0 (e.g. 0:{max(num_layers // 2 - 1, 0)})"
-    first, sep, last = text.replace(" ", "").partition(":")
+    first, _, last = text.replace(" ", "").partition(":")
     try:
         a, b = int(first), int(last)
     except ValueError:
         raise ConfigError(f"{form}; got {text!r}") from None
-    if not sep or not 0 <= a <= b < num_layers:
+    if not 0 <= a <= b < num_layers:
         raise ConfigError(f"{form}, within the model's layers 0-{num_layers - 1}; got {text!r}")
     return range(a, b + 1)
 

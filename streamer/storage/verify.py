@@ -134,9 +134,8 @@ def read_any_manifest(path: str | os.PathLike) -> Manifest:
 def check_held_files(path: Path, m: Manifest, layers: Sequence[LayerEntry] | None = None) -> None:
     """``packed.check_packed_files`` (sizes, headers, resident names) over the expert files a copy holds
     (or ``layers`` of them): a stage's copy has no others."""
-    check_packed_files(
-        path, dataclasses.replace(m, layers=tuple(m.held_layers if layers is None else layers))
-    )
+    held = tuple(m.held_layers if layers is None else layers)
+    check_packed_files(path, dataclasses.replace(m, layers=held, stage=None))
 
 
 def select_layers(m: Manifest, layers: range | None) -> tuple[LayerEntry, ...]:

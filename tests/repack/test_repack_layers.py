@@ -24,7 +24,7 @@ from streamer.settings import RuntimeConfig
 from streamer.storage.packed import open_packed
 from streamer.storage.packed_format import MANIFEST_FILE, PROGRESS_FILE, RESIDENT_FILE, resident_layer_of
 from streamer.storage.repack import run_repack
-from streamer.storage.repack_plan import make_plan, parse_layers
+from streamer.storage.repack_plan import DestinationError, make_plan, parse_layers
 from streamer.storage.safetensors_file import read_header
 from streamer.storage.verify import read_any_manifest, verify_packed
 from streamer.synthetic.writer import generate
@@ -148,6 +148,17 @@ def test_a_rank_missing_files_of_a_whole_copy_names_them_and_both_fixes(copies, 
     assert "layer_002.bin: missing" in msg and "--layers 1:3" in msg and "copy those" in msg, msg
 
 
+def test_a_rank_whose_stage_copy_lost_its_resident_file_names_it(copies, tmp_path):
+    src, _ = copies
+    dst = tmp_path / "s23"
+    _stage_repack(src, dst, "2:3")
+    os.truncate(dst / RESIDENT_FILE, 1000)
+    with pytest.raises(PackedFormatError) as e:
+        load_stage(dst, RuntimeConfig(), range(2, 4), front=False, rank=1)
+    msg = str(e.value)
+    assert msg.startswith("rank 1: ") and f"{RESIDENT_FILE}: 1000 bytes" in msg and "--layers 2:3" in msg, msg
+
+
 # ---- never a whole model ----------------------------------------------------------------------------
 
 
@@ -198,6 +209,7 @@ def test_damage_in_a_held_layer_is_caught_and_repaired_by_the_same_command(
     want = _tree(dst)
     entry = read_any_manifest(dst).layers[3]
     c = entry.component(component)
+    resident = os.stat(dst / RESIDENT_FILE).st_ino
     _flip(dst / entry.file, entry.block_offset(5) + c.offset + c.nbytes // 2)
     with pytest.raises(PackedFormatError) as e:
         verify_packed(dst)
@@ -205,7 +217,7 @@ def test_damage_in_a_held_layer_is_caught_and_repaired_by_the_same_command(
     assert f"layer 3 expert 5 component {component}: checksum mismatch" in msg, msg
     assert f'"streamer repack SRC {dst} --layers 2:3"' in msg, msg  # repaired as a stage, not completed
     assert _stage_repack(src, dst, "2:3").status == "repaired"
-    assert _tree(dst) == want
+    assert _tree(dst) == want and os.stat(dst / RESIDENT_FILE).st_ino == resident  # only the damage rewritten
 
 
 def test_damage_in_a_stage_copys_resident_file_is_caught(copies, tmp_path):
@@ -213,9 +225,21 @@ def test_damage_in_a_stage_copys_resident_file_is_caught(copies, tmp_path):
     dst = tmp_path / "s01"
     _stage_repack(src, dst, "0:1")
     t = read_header(dst / RESIDENT_FILE)[0]["language_model.model.embed_tokens.weight"]
+    want = _tree(dst)
     _flip(dst / RESIDENT_FILE, t.offset + 7)
     with pytest.raises(PackedFormatError, match="embed_tokens.weight': checksum mismatch"):
         verify_packed(dst)
+    assert _stage_repack(src, dst, "0:1").status == "repaired" and _tree(dst) == want
+
+
+def test_a_missing_file_of_a_stage_copy_is_rewritten(copies, tmp_path):
+    src, root = copies
+    dst = tmp_path / "s23"
+    _stage_repack(src, dst, "2:3")
+    (dst / "experts/layer_003.bin").unlink()
+    with pytest.raises(PackedFormatError, match=r"layer_003.bin: missing; rewrite .* --layers 2:3"):
+        verify_packed(dst)
+    assert _stage_repack(src, dst, "2:3").status == "repaired" and _tree(dst) == _tree(root / "s23")
 
 
 def test_verify_layers_checks_a_subset_of_a_whole_copy(copies, tmp_path):
@@ -285,6 +309,10 @@ def test_repack_without_layers_completes_a_stage_copy_keeping_its_layers(copies,
     dst = tmp_path / "out"
     _stage_repack(src, dst, "2:3")
     kept = {i: os.stat(dst / f"experts/layer_{i:03d}.bin").st_ino for i in (2, 3)}
+    with pytest.raises(Interrupt):
+        _stage_repack(src, dst, None, after_layer=_interrupt_after_layer(0))
+    with pytest.raises(PackedFormatError, match="incomplete"):  # neither the stage's copy nor a whole one
+        read_any_manifest(dst)
     result = _stage_repack(src, dst, None)
     assert result.status == "resumed"
     assert _tree(dst) == _tree(root / "whole")
@@ -297,7 +325,12 @@ def test_a_stage_copy_becomes_another_stages_keeping_the_layers_both_hold(copies
     dst, fresh = tmp_path / "out", tmp_path / "fresh"
     _stage_repack(src, dst, "2:3")
     kept = os.stat(dst / "experts/layer_002.bin").st_ino
-    assert _stage_repack(src, dst, "1:2").status == "resumed"
+    seen = []
+    assert (
+        _stage_repack(src, dst, "1:2", progress=lambda done, total: seen.append((done, total))).status
+        == "resumed"
+    )
+    assert seen[-1][0] == seen[-1][1]  # layer 3 is not this stage's: not counted as done
     _stage_repack(src, fresh, "1:2")
     want = _tree(fresh)
     got = {k: v for k, v in _tree(dst).items() if k != "experts/layer_003.bin"}  # left there, not held
@@ -322,6 +355,36 @@ def test_layers_on_a_whole_copy_missing_other_stages_files_makes_it_this_stages_
     kept = os.stat(dst / "experts/layer_003.bin").st_ino
     assert _stage_repack(src, dst, "2:3").status == "resumed"
     assert _tree(dst) == _tree(root / "s23") and os.stat(dst / "experts/layer_003.bin").st_ino == kept
+
+
+def test_a_stage_copy_of_another_checkpoint_is_refused(copies, tmp_path):
+    src, root = copies
+    other = generate(tmp_path / "other", "tiny", dtype="float32", seed=12)
+    for layers in ("2:3", "0:1", None):
+        with pytest.raises(DestinationError, match="holds a packed copy of another checkpoint"):
+            _stage_repack(other, root / "s23", layers)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["stage"].update(layers=[2, 4]), "do not fit 4 layers"),
+        (lambda d: d["stage"].update(resident_layer_bytes=[1, 2]), "do not fit 4 layers"),
+        (lambda d: d["layers"][1].update(crc32=d["layers"][2]["crc32"]), "layer 1: 16 crc rows"),
+        (lambda d: d["layers"][2].update(crc32=[]), "layer 2: 0 crc rows"),
+    ],
+    ids=["layers-out-of-range", "short-byte-table", "unheld-layer-with-checksums", "held-layer-without"],
+)
+def test_a_malformed_stage_record_is_refused(copies, tmp_path, edit, message):
+    src, _ = copies
+    dst = tmp_path / "s23"
+    _stage_repack(src, dst, "2:3")
+    doc = json.loads((dst / MANIFEST_FILE).read_text())
+    edit(doc)
+    (dst / MANIFEST_FILE).write_text(json.dumps(doc))
+    with pytest.raises(PackedFormatError, match="malformed manifest") as e:
+        read_any_manifest(dst)
+    assert message in str(e.value)
 
 
 # ---- the flag ---------------------------------------------------------------------------------------
