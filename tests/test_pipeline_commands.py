@@ -114,6 +114,7 @@ def test_serve_across_two_ranks_answers_as_one_process(packed, tmp_path):  # noq
         want = _session(one)
         two.wait_listening()
         got = _session(two)
+        two.post("/v1/completions", _completion("x"))  # /v1/stats shows the ranks as this request ended
         stats = two.get("/v1/stats")
         assert got == want
         assert stats["batch"]["largest_batch"] > 1  # the concurrent requests really were batched
@@ -121,6 +122,10 @@ def test_serve_across_two_ranks_answers_as_one_process(packed, tmp_path):  # noq
         ranks = stats["experts"]["ranks"]
         assert [r["rank"] for r in ranks] == [0, 1]
         assert all(r["cache_hits"] + r["cache_misses"] > 0 for r in ranks)
+        # Rank 1 forgot every finished sequence (all but the last request's, which was ending); it keeps
+        # only the snapshots rank 0's prefix cache holds.
+        assert ranks[1]["sequences_held"] <= 1
+        assert 1 <= ranks[1]["snapshots_held"] <= stats["prefix_cache"]["entries"]
         code = two.interrupt()
         err = "".join(two.lines)
         assert code == 130 or "exited with code 130" in err, err  # rank 0 ends as one process does

@@ -120,8 +120,9 @@ class Link:
             timer.cancel()
 
 
-def rank_stats(stage: Stage, link: Link) -> dict:
-    """This rank's entry in ``stats["ranks"]``: its layers and counters."""
+def rank_stats(stage: Stage, link: Link, held: tuple[int, int] | None = None) -> dict:
+    """This rank's entry in ``stats["ranks"]``: its layers and counters, and for a serving rank ``held``:
+    how many sequences' states and snapshots it keeps for rank 0."""
     s = stage.runtime.snapshot_stats()
     looked = s["cache_hits"] + s["cache_misses"]
     return {
@@ -132,6 +133,7 @@ def rank_stats(stage: Stage, link: Link) -> dict:
         "mb_read": s["bytes_read"] / 1e6,
         "net_wait_s": link.wait_s,
         "bytes_sent": link.bytes_sent,
+        **({"sequences_held": held[0], "snapshots_held": held[1]} if held else {}),
     }
 
 
@@ -355,7 +357,7 @@ def serve_stage(stage: Stage, link: Link, fault: Callable[[int], None] | None = 
             send_message(link, header[:-1], blob)
             return
         if op == OP_STATS:
-            blob["ranks"].append(rank_stats(stage, link))
+            blob["ranks"].append(rank_stats(stage, link, (len(state.caches), len(state.snaps))))
         elif op == OP_SNAPSHOT:
             blob["bytes"] += state.snapshot(header[1], header[2])
         elif op == OP_RESTORE:

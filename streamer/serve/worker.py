@@ -395,7 +395,9 @@ class GenerationWorker:
         with self._lock:
             if active in self._active:
                 self._active.remove(active)
-        seq = active.seq
+        # The sequence's callbacks hold ``active``: dropping the link ends the cycle, so its caches go as
+        # soon as the job does (under a pipeline, other ranks free their state for it then).
+        seq, active.seq = active.seq, None
         if seq.finish_reason == "error":
             e = seq.error
             if isinstance(e, StreamerError):  # e.g. an expert read failed: this request fails, the rest go on
