@@ -124,7 +124,7 @@ def _held(plan_or_manifest) -> str:
     stage, n = plan_or_manifest.stage, len(plan_or_manifest.layers)
     if stage is None:
         return f"{n} layers"
-    return f"layers {stage.first}-{stage.last} of {n} (a pipeline stage's copy)"
+    return f"{describe_layers(stage.layers)} of {n} (a pipeline stage's copy)"
 
 
 def describe_plan(plan: RepackPlan) -> str:

@@ -105,7 +105,7 @@ def open_stage_packed(path: Path, layers: range, front: bool = False, rank: int 
         if missing or (front and not stage.front):
             lacks = describe_layers(missing) if missing else "the embedding and output head"
             raise PackedFormatError(
-                f"{who}: {path} holds only layers {stage.first}-{stage.last} (a pipeline stage's copy), "
+                f"{who}: {path} holds only {describe_layers(stage.layers)} (a pipeline stage's copy), "
                 f"its stage needs {_needs(layers, front)}: it lacks {lacks}; {fix}"
             )
     try:

@@ -338,7 +338,7 @@ def stage_copy_message(manifest: Manifest, path: Path) -> str:
     stage, n = manifest.stage, len(manifest.layers)
     missing = describe_layers(i for i in range(n) if i not in stage.layers)
     return (
-        f"{path} holds only layers {stage.first}-{stage.last} of {n} (a pipeline stage's copy, "
+        f"{path} holds only {describe_layers(stage.layers)} of {n} (a pipeline stage's copy, "
         f"made by streamer repack --layers {stage.first}:{stage.last}); {missing} missing: run it "
         f'as that stage\'s rank under mlx.launch, or complete it with "streamer repack SRC {path}" '
         f"(SRC: the {manifest.source.get('name')!r} checkpoint; it keeps the layers already here)"
