@@ -131,7 +131,7 @@ def describe_plan(plan: RepackPlan) -> str:
     plan = plan_for_destination(plan)
     status, journal = destination_status(plan)
     if status == "adopt":
-        status = f"another copy of this model: its {len(journal.layers)} intact layers are kept"
+        status = f"another copy of this model: the {len(journal.layers)} layers it holds are kept if intact"
     elif status == "resume":
         res = "resident + " if journal.resident_crc32 is not None else ""
         status = f"resume ({res}{len(journal.layers)} of {len(plan.layers)} layers already done)"
