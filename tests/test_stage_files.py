@@ -93,3 +93,4 @@ def test_a_rank_whose_copy_lacks_its_layers_ends_the_run_with_one_line(source):
     assert run.stdout.strip() == ""  # no answer
     line = next(line for line in out.splitlines() if "holds only layer 3 (" in line)
     assert "lacks layer 2" in line and f'"streamer repack SRC {root / "short1"} --layers 2:3"' in line, line
+    assert "rank 1: " in line, line  # names the rank

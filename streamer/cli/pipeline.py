@@ -77,7 +77,7 @@ class PipelineRank:
         from streamer.text.tokenizer import Tokenizer
 
         with sigint_blocked():
-            stage = load_stage(self.path, self.config, self.layers, front=True)
+            stage = load_stage(self.path, self.config, self.layers, front=True, rank=self.rank)
         link = Link(self.group, self.timeout_s, on_lost=exit_now if exit_on_loss else None)
         return make_engine(stage, link, Tokenizer(self.path), self.path)
 
@@ -90,7 +90,7 @@ class PipelineRank:
         # A Ctrl-C in the launch terminal reaches every rank: rank 0 handles it and tells this one to stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with sigint_blocked():
-            stage = load_stage(self.path, self.config, self.layers, front=False)
+            stage = load_stage(self.path, self.config, self.layers, front=False, rank=self.rank)
         try:
             serve_stage(stage, Link(self.group, self.timeout_s), fault=_fault_hook(self.rank))
         finally:

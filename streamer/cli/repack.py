@@ -13,6 +13,7 @@ import click
 
 from streamer.errors import PackedFormatError
 from streamer.models.args import CONFIG_FILE, read_config_file
+from streamer.storage.packed import repair_hint
 from streamer.storage.packed_format import PROGRESS_FILE, LayerEntry, Manifest, describe_layers, pruned_label
 from streamer.storage.paths import list_packed_dirs, model_id_from_dir_name, models_dir, resolve_packed_model
 from streamer.storage.repack import destination_status, plan_for_destination, run_repack
@@ -21,7 +22,6 @@ from streamer.storage.verify import (
     check_held_files,
     read_any_manifest,
     select_layers,
-    stage_repair_hint,
     verify_packed,
 )
 
@@ -243,10 +243,8 @@ def info(model: str) -> None:
     try:
         check_held_files(path, m)
     except PackedFormatError as e:
-        raise PackedFormatError(f"{e}; {stage_repair_hint(path, m)}") from None
-    config = read_config_file(
-        path, fix=stage_repair_hint(path, m, path / CONFIG_FILE), error=PackedFormatError
-    )
+        raise PackedFormatError(f"{e}; {repair_hint(path, m)}") from None
+    config = read_config_file(path, fix=repair_hint(path, m, path / CONFIG_FILE), error=PackedFormatError)
     tc = config.get("text_config") or config
     counts = sorted({e.num_experts for e in m.layers})
     experts = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (per layer)"

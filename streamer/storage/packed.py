@@ -128,7 +128,9 @@ def repair_hint(path: Path, manifest: Manifest, file: Path | None = None) -> str
     """
     name = str(manifest.source.get("name", ""))
     src = name if looks_like_hub_id(name) else "SRC"
-    command = f'"streamer repack {src} {path}"'
+    # A stage's copy is repaired by the --layers that made it (without them repack would complete it).
+    stage = f" --layers {manifest.stage.first}:{manifest.stage.last}" if manifest.stage is not None else ""
+    command = f'"streamer repack {src} {path}{stage}"'
     if src == "SRC":
         command += f" (SRC: the {name!r} checkpoint it was packed from)"
     if file is not None:

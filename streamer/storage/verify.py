@@ -175,22 +175,13 @@ def verify_packed(
     try:
         check_held_files(path, m, entries)
     except PackedFormatError as e:
-        raise PackedFormatError(f"{e}; {stage_repair_hint(path, m)}") from None
+        raise PackedFormatError(f"{e}; {repair_hint(path, m)}") from None
     for _, file, check in packed_checks(path, m, progress, entries):
         try:
             check()
         except PackedFormatError as e:
-            raise PackedFormatError(f"{e}; {stage_repair_hint(path, m, file)}") from None
+            raise PackedFormatError(f"{e}; {repair_hint(path, m, file)}") from None
     return m
-
-
-def stage_repair_hint(path: Path, m: Manifest, file: Path | None = None) -> str:
-    """``packed.repair_hint``, with a stage's copy repaired by the same ``--layers`` that made it (without
-    them, repack would complete the copy into a whole model)."""
-    hint = repair_hint(path, m, file)
-    if m.stage is None:
-        return hint
-    return hint.replace(f' {path}"', f' {path} --layers {m.stage.first}:{m.stage.last}"')
 
 
 def verify_copied_file(file: Path, meta: dict, progress: Progress | None = None) -> None:
