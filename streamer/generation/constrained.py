@@ -14,7 +14,10 @@ model reasons freely and the grammar shapes only the answer after its reasoning.
 
 Grammars are llguidance's Lark dialect; ``json_grammar`` and ``tool_call_grammar`` write the two that the
 OpenAI and Anthropic APIs need. JSON is written compactly (no whitespace between tokens), which also keeps
-a weak model from spending its budget on blank lines.
+a weak model from spending its budget on blank lines. An integer whose schema sets no bound of its own is
+kept within I-JSON's interoperable range (RFC 7493 §2.2: ±(2**53 − 1), at most 16 digits, what any JSON
+parser reads exactly), so a weak model cannot spend its budget on digits either; ``number`` is left as
+given.
 """
 
 from __future__ import annotations
@@ -32,6 +35,15 @@ from streamer.errors import StreamerError
 from streamer.generation.sampling import Sampler
 
 _JSON_OPTIONS = {"whitespace_flexible": False}
+# I-JSON (RFC 7493 §2.2): integers beyond ±(2**53 - 1) are not exact in an IEEE 754 double, so not
+# interoperable; an integer schema without a bound of its own gets these.
+IJSON_MAX_INT = 2**53 - 1
+# Keywords whose value is a schema, a list of schemas, or a name -> schema map (JSON Schema 2020-12 and
+# draft-07's definitions and additionalItems); the bound is added only where these lead.
+_SUBSCHEMA = ("additionalProperties", "items", "additionalItems", "contains", "not", "if", "then", "else",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties")  # fmt: skip
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 class GrammarError(StreamerError):
@@ -192,7 +204,41 @@ def _json_rule(schema: dict) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
     options = {**_JSON_OPTIONS, **schema.get("x-guidance", {})}
-    return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
+    return "%json " + json.dumps({**bound_integers(schema), "x-guidance": options}, ensure_ascii=False)
+
+
+def bound_integers(schema):
+    """``schema`` with every integer schema that sets no bound of its own kept within ±``IJSON_MAX_INT``.
+
+    Only ``"type": "integer"`` (alone or with ``"null"``) without ``enum``/``const`` is touched, and only
+    on a missing side (a ``minimum`` or ``exclusiveMinimum`` keeps its own lower end, likewise above; a
+    side whose given bound lies past I-JSON's is left as is). Subschemas are found through the keywords
+    that hold schemas, never through ``const``, ``enum``, ``default`` or ``examples`` values. Returns a
+    copy; ``schema`` is not changed.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    declared = schema.get("type")
+    types = set(declared) if isinstance(declared, list) else {declared}
+    if types - {"null"} == {"integer"} and "enum" not in schema and "const" not in schema:
+        low = schema.get("minimum", schema.get("exclusiveMinimum"))
+        high = schema.get("maximum", schema.get("exclusiveMaximum"))
+        numeric = (int, float)
+        if low is None and not (isinstance(high, numeric) and high < -IJSON_MAX_INT):
+            out["minimum"] = -IJSON_MAX_INT
+        if high is None and not (isinstance(low, numeric) and low > IJSON_MAX_INT):
+            out["maximum"] = IJSON_MAX_INT
+    for key in _SUBSCHEMA:
+        if isinstance(schema.get(key), dict):
+            out[key] = bound_integers(schema[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            out[key] = [bound_integers(s) for s in schema[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: bound_integers(s) for name, s in schema[key].items()}
+    return out
 
 
 def _literal(text: str) -> str:

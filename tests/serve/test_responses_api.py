@@ -9,6 +9,7 @@ import json
 import openai
 import pytest
 
+from streamer.generation.constrained import IJSON_MAX_INT
 from streamer.loader import load_engine
 from streamer.serve.http import ServeConfig, start_server
 from streamer.synthetic.demo import DEMO_ASSET
@@ -99,28 +100,57 @@ def test_json_schema_text_format(demo):
         json.loads(plain.output_text)
 
 
+def valid_weather_arguments(arguments: dict) -> bool:
+    """``arguments`` against WEATHER's schema (the test's own check, not the sampler's). ``days`` sets no
+    bound, so the grammar keeps it within I-JSON's ±(2**53 - 1) (streamer/generation/constrained.py)."""
+    city, days = arguments.get("city"), arguments.get("days", 0)
+    return (
+        set(arguments) <= {"city", "days"}
+        and isinstance(city, str)
+        and len(city) <= 30
+        and isinstance(days, int)
+        and not isinstance(days, bool)
+        and abs(days) <= IJSON_MAX_INT
+    )
+
+
+# One call each (parallel_tool_calls off): greedy, the demo may follow a finished call with another one
+# and another (the grammar allows that when calls are parallel), which says nothing about the constraint.
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])
 def test_forced_function_call(demo, choice):
     r = oai(demo).responses.create(
-        model="demo", input="Weather in Paris?", tools=[WEATHER], tool_choice=choice, temperature=0
+        model="demo",
+        input="Weather in Paris?",
+        tools=[WEATHER],
+        tool_choice=choice,
+        parallel_tool_calls=False,
+        temperature=0,
     )
-    calls = [item for item in r.output if item.type == "function_call"]
-    assert calls and r.status == "completed"
-    for call in calls:
-        arguments = json.loads(call.arguments)
-        assert call.name == "get_weather" and call.call_id.startswith("call_")
-        assert isinstance(arguments["city"], str) and len(arguments["city"]) <= 30
+    assert r.status == "completed"
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert valid_weather_arguments(json.loads(call.arguments)), call.arguments
+    # The same request without the tool choice: the demo writes Python, not a call.
+    free = oai(demo).responses.create(
+        model="demo", input="Weather in Paris?", tools=[WEATHER], temperature=0, max_output_tokens=64
+    )
+    assert [item.type for item in free.output] == ["message"]
 
 
 def test_forced_function_call_streamed_through_the_helper(demo):
     with oai(demo).responses.stream(
-        model="demo", input="Weather in Paris?", tools=[WEATHER], tool_choice="required", temperature=0
+        model="demo",
+        input="Weather in Paris?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
     ) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_response()
     assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
-    [call] = [item for item in final.output if item.type == "function_call"]
-    assert "city" in json.loads(call.arguments)
+    [call] = final.output
+    assert call.type == "function_call" and valid_weather_arguments(json.loads(call.arguments))
 
 
 # ---- the scripted model -------------------------------------------------------------------------------
