@@ -92,7 +92,10 @@ def score(model_dir: Path, docs: list[str], n_windows: int, seq_len: int) -> dic
 def describe(model_dir: Path) -> str:
     info = json.loads((model_dir / "training.json").read_text())
     cfg = info["train_config"]
-    return f"{cfg.get('corpus', 'stdlib')}, {info['steps']} steps of {cfg['batch_size']}x{cfg['seq_len']}"
+    text = f"{cfg.get('corpus', 'stdlib')}, {info['steps']} steps of {cfg['batch_size']}x{cfg['seq_len']}"
+    if continued := info.get("continued"):  # tools/train_demo.py --continue-from
+        text += f" (a {continued['from_steps']}-step run continued with a {continued['rewarm_steps']}-step re-warm)"
+    return text
 
 
 def main() -> None:

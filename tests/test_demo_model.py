@@ -104,6 +104,33 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
         train(tmp_path / "b", TrainConfig(**{**TINY, "seed": 1}, steps=4), log=_quiet)
 
 
+def test_continued_run_takes_the_longer_runs_schedule_after_its_rewarm(tmp_path):
+    import train_demo
+
+    short, long = TrainConfig(**TINY, steps=4), TrainConfig(**TINY, steps=10)
+    first = train(tmp_path / "a", short, log=_quiet)
+    straight = train(tmp_path / "c", long, log=_quiet)
+    with pytest.raises(ValueError, match="another config"):
+        train_demo.start_continuation(
+            tmp_path / "a", tmp_path / "x", TrainConfig(**{**TINY, "seed": 1}, steps=10), 2
+        )
+    train_demo.start_continuation(tmp_path / "a", tmp_path / "b", long, rewarm_steps=2)
+    with train_demo.continued_optimizer(tmp_path / "b", long) as info:
+        assert info["from_steps"] == 4 and info["rewarm_steps"] == 2
+        continued = train(tmp_path / "b", long, log=_quiet)
+    assert [r["step"] for r in continued] == list(range(1, 11))
+    assert [r["loss"] for r in continued[:4]] == [r["loss"] for r in first]
+    lr, straight_lr = [r["lr"] for r in continued], [r["lr"] for r in straight]
+    # Row k logs the rate read before its step: step k - 1's. Step 5 (row 6) takes the short run's floor,
+    # far below the long run's rate there; the re-warm climbs from it; from step 4 + 2 + 1 on (row 8) the
+    # rates are the long run's.
+    assert lr[5] < 0.2 * straight_lr[5] and lr[5] < lr[6] < lr[7]
+    assert lr[7:] == pytest.approx(straight_lr[7:], rel=1e-6)
+    # The context put demo_training's own optimizer back: a fresh run takes the ordinary schedule.
+    again = train(tmp_path / "d", long, log=_quiet)
+    assert [r["lr"] for r in again] == straight_lr
+
+
 def test_train_demo_cli_trains_exports_and_evaluates(tmp_path, capsys):
     import train_demo
 

@@ -7,6 +7,9 @@
     python tools/train_demo.py --preset routing-study --out scratch/routing-study \
         --export scratch/routing-study/checkpoint-export    # 256 experts top-10, ~30 min on 2 cores
 
+    python tools/train_demo.py --preset demo-mix --steps 1200 --out scratch/demo-mix1200 \
+        --continue-from scratch/demo-mix550                       # 550 steps more on a finished run
+
 ``--preset`` picks a named geometry (``demo_training.PRESETS``: ``demo``, the default, is the shipped
 model; ``demo-mix`` the same on a wider corpus; ``routing-study`` has the 397B's routing shape in
 miniature); the other flags override its fields.
@@ -18,6 +21,13 @@ tools/demo_training.py for the model, loop, checkpoints and export. Interrupt at
 checkpoints and the same command resumes it, taking exactly the steps an uninterrupted run would. The loss
 curve is in <out>/loss.tsv.
 
+``--continue-from RUN`` trains a finished run further, to ``--steps`` in all, in a new ``--out`` (the
+run's tokens, tokenizer and last checkpoint are copied there; it resumes like any run). Its learning rate
+cannot be the one an uninterrupted run of ``--steps`` would have had (RUN's cosine already decayed to its
+floor), so it re-warms linearly over ``--rewarm-steps`` from RUN's last rate to the ``--steps``-long run's
+rate at that point, then follows that run's schedule to the end: the last steps match the longer run's, the
+first ones decayed faster. ``continued.json`` in the run (and ``training.json`` in an export) says so.
+
 MLX's Linux CPU wheel ships the reference BLAS; when Debian's OpenBLAS is installed
 (``apt-get install libopenblas0-pthread``) the script re-executes itself with it preloaded, which makes
 float32 matmuls ~30x faster. ``--no-openblas`` (or a missing library) trains without it, slowly.
@@ -26,6 +36,7 @@ float32 matmuls ~30x faster. ``--no-openblas`` (or a missing library) trains wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -93,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--no-compile", action="store_true", help="run the step eagerly (no mx.compile)")
+    p.add_argument("--continue-from", type=Path, default=None, help="a finished run to train further")
+    p.add_argument("--rewarm-steps", type=int, default=50, help="with --continue-from: the re-warm")
     return p.parse_args(argv)
 
 
@@ -142,6 +155,106 @@ def print_progress(cfg, start: list[float]):
     return progress
 
 
+CONTINUED = "continued.json"
+
+
+def start_continuation(source: Path, run_dir: Path, cfg, rewarm_steps: int) -> None:
+    """Seeds ``run_dir`` with finished run ``source``'s data and last checkpoint, to go on to ``cfg.steps``.
+
+    Raises:
+        ValueError: ``source`` is unfinished, has another config (other than steps and bookkeeping), or
+            already has ``cfg.steps``; ``run_dir`` holds another run.
+    """
+    import dataclasses
+    import shutil
+
+    from demo_training import RESUMABLE_FIELDS
+
+    if (run_dir / CONTINUED).exists():
+        info = json.loads((run_dir / CONTINUED).read_text())
+        if Path(info["from"]).resolve() != source.resolve() or info["rewarm_steps"] != rewarm_steps:
+            raise ValueError(f"{run_dir} continues {info['from']} with other options: {info}")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir} is not empty; --continue-from starts a new run directory")
+    saved = json.loads((source / "train_config.json").read_text())
+    ours = dataclasses.asdict(cfg)
+    diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+    diff = {k: d for k, d in diff.items() if k not in (*RESUMABLE_FIELDS, "steps")}
+    if diff:
+        raise ValueError(f"{source} was trained with another config (saved, given): {diff}")
+    state = json.loads((source / "checkpoint" / "state.json").read_text())
+    if state["step"] != saved["steps"]:
+        raise ValueError(f"{source} stopped at step {state['step']} of {saved['steps']}: resume it instead")
+    if cfg.steps <= saved["steps"] + rewarm_steps:
+        raise ValueError(f"--steps {cfg.steps} leaves no steps after {saved['steps']} + the re-warm")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "checkpoint"):
+        shutil.copytree(source / name, run_dir / name)
+    for name in ("tokens.npz", "corpus.json"):
+        shutil.copy2(source / name, run_dir / name)
+    (run_dir / "train_config.json").write_text(json.dumps(ours, indent=2) + "\n")
+    info = {
+        "from": str(source),
+        "from_steps": saved["steps"],
+        "rewarm_steps": rewarm_steps,
+        "schedule": (
+            f"steps 1-{saved['steps']}: the {saved['steps']}-step run's (warm-up, cosine to its floor); "
+            f"then a linear re-warm over {rewarm_steps} steps to the {cfg.steps}-step run's rate, "
+            f"whose cosine it follows from step {saved['steps'] + rewarm_steps} to {cfg.steps}"
+        ),
+    }
+    (run_dir / CONTINUED).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def continued_schedule(cfg, from_steps: int, rewarm_steps: int):
+    """The learning rate of a run continued at ``from_steps`` (see ``start_continuation``), by step."""
+    import dataclasses
+
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from demo_training import make_optimizer
+
+    # demo_training's own schedules (AdamW keeps its learning-rate schedule among its schedulers).
+    first = make_optimizer(dataclasses.replace(cfg, steps=from_steps))._schedulers["learning_rate"]
+    full = make_optimizer(cfg)._schedulers["learning_rate"]
+    end = from_steps + rewarm_steps
+    rewarm = optim.linear_schedule(
+        first(mx.array(from_steps)).item(), full(mx.array(end)).item(), rewarm_steps
+    )
+
+    def schedule(step):
+        return mx.where(
+            step < from_steps, first(step), mx.where(step < end, rewarm(step - from_steps), full(step))
+        )
+
+    return schedule
+
+
+@contextlib.contextmanager
+def continued_optimizer(run_dir: Path, cfg):
+    """While open, ``demo_training.train`` builds its optimizer with the continued schedule when ``run_dir``
+    is a continuation; yields its ``continued.json`` (None for an ordinary run, which is left alone)."""
+    import demo_training
+    import mlx.optimizers as optim
+
+    if not (run_dir / CONTINUED).exists():
+        yield None
+        return
+    info = json.loads((run_dir / CONTINUED).read_text())
+    schedule = continued_schedule(cfg, info["from_steps"], info["rewarm_steps"])
+
+    def make_optimizer(c):
+        return optim.AdamW(schedule, betas=[0.9, 0.95], weight_decay=c.weight_decay)
+
+    original = demo_training.make_optimizer
+    demo_training.make_optimizer = make_optimizer
+    try:
+        yield info
+    finally:
+        demo_training.make_optimizer = original
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     maybe_reexec_with_openblas(not args.no_openblas)
@@ -151,16 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     blas = "OpenBLAS preloaded" if str(OPENBLAS) in os.environ.get("LD_PRELOAD", "") else "MLX's bundled BLAS"
     print(f"run dir {run_dir} ({blas})", flush=True)
-    if not args.export_only:
-        try:
-            train(run_dir, cfg, print_progress(cfg, [0.0, 0]))
-        except KeyboardInterrupt:
-            return 130
-        print(f"loss curve: {run_dir / 'loss.tsv'}")
+    if args.continue_from:
+        start_continuation(args.continue_from, run_dir, cfg, args.rewarm_steps)
+    with continued_optimizer(run_dir, cfg) as continued:
+        if continued:
+            print(f"continuing {continued['from']}: {continued['schedule']}", flush=True)
+        if not args.export_only:
+            try:
+                train(run_dir, cfg, print_progress(cfg, [0.0, 0]))
+            except KeyboardInterrupt:
+                return 130
+            print(f"loss curve: {run_dir / 'loss.tsv'}")
     if args.export:
         from demo_eval import evaluate_export
 
-        export_checkpoint(run_dir, args.export)
+        export_checkpoint(run_dir, args.export, extra_info={"continued": continued} if continued else None)
         report = evaluate_export(run_dir, args.export)
         info_file = args.export / "training.json"
         info_file.write_text(
