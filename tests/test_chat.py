@@ -419,11 +419,6 @@ def test_terminal_ctrl_c_stops_the_answer_then_the_chat_goes_on(model, env):
     assert b"Traceback" not in term.seen
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known issue: in full-suite runs from a fresh CI clone, Ctrl-C at the prompt was sometimes not "
-    "acted on within 70 s; never reproduced in isolation (see the session's closing note)",
-)
 def test_terminal_ctrl_c_at_the_prompt_exits(model, env):
     term = Terminal([str(model), "--temp", "0", "-n", "3"], env)
     try:
