@@ -39,6 +39,7 @@ class Target:
 
 EXPERT_EDGES = ("tests/test_expert_cache_edges.py",)
 STORAGE_EDGES = ("tests/test_packed_format_edges.py",)
+GENERATION = ("tests/test_scheduler_mutants.py", "tests/test_scheduler.py")
 TARGETS = {
     "tool_calls": Target(
         "streamer/serve/tool_calls.py", ("tests/test_tool_calls.py", "tests/test_tool_calls_edges.py")
@@ -51,7 +52,14 @@ TARGETS = {
     "expert_cache": Target("streamer/experts/expert_cache.py", ("tests/test_expert_cache.py", *EXPERT_EDGES)),
     "packed_format": Target("streamer/storage/packed_format.py", ("tests/repack", *STORAGE_EDGES)),
     "verify": Target("streamer/storage/verify.py", ("tests/repack", *STORAGE_EDGES)),
-    "gated_delta": Target("streamer/models/gated_delta.py", ("tests/test_gated_delta.py",)),
+    "gated_delta": Target(
+        "streamer/models/gated_delta.py", ("tests/test_gated_delta.py", "tests/test_gated_delta_mutants.py")
+    ),
+    # The generation loop: the toy-model tests (no checkpoint: most mutants die there in a second) and the
+    # real-model batching tests. test_generate_cli.py is left out: it repacks two checkpoints and loads
+    # mlx-lm, too slow to run once per mutant; the toy model checks stream_generate's output instead.
+    "scheduler": Target("streamer/generation/scheduler.py", GENERATION),
+    "generate": Target("streamer/generation/generate.py", GENERATION),
     "repack": Target("streamer/storage/repack.py", ("tests/repack",)),
 }
 
