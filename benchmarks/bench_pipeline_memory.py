@@ -1,7 +1,7 @@
 """P8: two pipeline ranks, each in a memory cgroup of 25 % of the checkpoint, vs one process in 25 % and in 50 %.
 
-    python benchmarks/bench_pipeline_memory.py                 # issue15 geometry, 24 layers (2.8 GB), ~6 min
-    python benchmarks/bench_pipeline_memory.py --tokens 16 --rounds 1 --no-record   # a smoke run
+    python benchmarks/bench_pipeline_memory.py                 # issue15 geometry, 24 layers (2.8 GB), ~10 min
+    python benchmarks/bench_pipeline_memory.py --tokens 8 --rounds 1 --no-record   # a smoke run
 
 Is splitting a model over two machines' memory worth it? Here the two "machines" are two ranks of
 ``mlx.launch --backend ring -n 2`` on loopback, each moved into its own cgroup v1 memory group
@@ -22,7 +22,12 @@ Per run: a fresh group per process; the checkpoint's pages evicted from the page
 process tree, getrusage ru_inblock: what did not come from the page cache, startup included), bytes over
 the wire per generated token (every rank's ``bytes_sent``; prefill's hidden states included), peak group
 memory. The three configurations alternate for ``--rounds`` rounds (order reversed every other round);
-each is summarised by its median-tok/s run. Every run's greedy tokens must be the same.
+each is summarised by its median-tok/s run. Then the control, ``--control-rounds`` times: one process with
+the 50 % process's cache and two ranks with half of it each, no group (the page cache unbounded, so reads
+after the first come from memory): what the pipeline itself costs on this machine, where both ranks share
+the same 2 cores (a rank waiting in ``recv`` is not
+idle: MLX's ring backend polls its non-blocking socket; the loopback probe before and after the runs
+measures that and the round trip of one decode step's messages). Every run's greedy tokens must be the same.
 
 Goal: two 25 % ranks >= 0.9x one 50 % process and >= 1.5x one 25 % process. Appends one row per
 configuration to benchmarks/results.tsv (value: tok/s; ratio: ÷ one process in 50 %).
@@ -51,7 +56,10 @@ BIN = Path(sys.executable).parent
 PROMPT = "5,77,301,12,9,44,500,3,18,250"
 PREFIX = f"streamer-p8-{os.getpid()}-"  # group names: PREFIX + "single", PREFIX + "rank0", ...
 CONFIGS = ("one-25", "one-50", "two-25")
-LABELS = {"one-25": "one process in 25 %", "one-50": "one process in 50 %", "two-25": "two ranks, 25 % each"}
+CONTROLS = ("one-free", "two-free")
+LABELS = {"one-25": "one process in 25 %", "one-50": "one process in 50 %", "two-25": "two ranks, 25 % each",
+          "one-free": "control: one process, the 50 % process's cache, no group",
+          "two-free": "control: two ranks, half that cache each, no group"}  # fmt: skip
 
 
 def build(work: Path, layers: int) -> tuple[Path, Path]:
@@ -131,16 +139,31 @@ def round_trip_ms(hidden: int, n: int = 300) -> tuple[float, float]:
 
 
 def run_config(
-    config: str, packed: Path, limits: dict[str, int], gen_args: list[str], timeout_s: float
-) -> dict:
+    config: str, packed: Path, limits: dict[str, int], gen_args: list[str], timeout_s: float,
+    cache_bytes: int = 0,
+) -> dict:  # fmt: skip
     """One run of ``config`` in fresh groups: generate's JSON plus disk bytes, wall time, group counters."""
     streamer = str(BIN / "streamer")
-    if config == "two-25":
+    launch = [
+        str(BIN / "mlx.launch"),
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "--starting-port",
+        str(free_port_base(2)),
+        "--",
+    ]
+    groups: list[MemoryGroup] = []
+    preexec = None
+    if config.endswith("-free"):  # the control: no group, the cache given (per rank: half)
+        ranks = 2 if config == "two-free" else 1
+        cache = ["--cache-gb", f"{cache_bytes / ranks / 1e9:.6f}"]
+        argv = [*(launch if ranks == 2 else []), streamer, *gen_args, *cache]
+    elif config == "two-25":
         groups = [MemoryGroup(f"{PREFIX}rank{r}", limits["25"]) for r in range(2)]
         enter = (f'echo $$ > {CGROUP_ROOT}/{PREFIX}rank"$MLX_RANK"/cgroup.procs && exec "$0" "$@"')  # fmt: skip
-        argv = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2", "--starting-port",
-                str(free_port_base(2)), "--", "sh", "-c", enter, streamer, *gen_args]  # fmt: skip
-        preexec = None
+        argv = [*launch, "sh", "-c", enter, streamer, *gen_args]
     else:
         groups = [MemoryGroup(f"{PREFIX}single", limits["25" if config == "one-25" else "50"])]
         argv, preexec = [streamer, *gen_args], groups[0].enter
@@ -201,6 +224,10 @@ def run_config(
     }
 
 
+def median_run(rs: list[dict]) -> dict:
+    return sorted(rs, key=lambda r: r["tps"])[(len(rs) - 1) // 2]
+
+
 def describe(r: dict) -> str:
     text = (f"{r['tps']:.3f} tok/s, hit rate {r['hit_rate']:.3f}, {r['mb_per_token']:.1f} MB read/tok "
             f"(disk {r['disk_mb_per_token']:.1f}), wire {r['wire_bytes_per_token'] / 1e3:.1f} kB/tok, "
@@ -219,11 +246,16 @@ def main() -> None:
     ap.add_argument(
         "--share", type=float, default=0.25, help="each small group, as a share of the checkpoint"
     )
-    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the three configurations")
     ap.add_argument(
         "--flags", default="", help="extra runtime flags for every run (default: none = defaults)"
     )
+    ap.add_argument(
+        "--control-rounds", type=int, default=1,
+        help="rounds of the control (one process vs two ranks, every expert cached, no group): the pipeline's "
+        "own cost on this machine with no reads at all; 0 = skip",
+    )  # fmt: skip
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--work", type=Path, default=Path("scratch/p8"))
     ap.add_argument("--no-record", action="store_true")
@@ -244,13 +276,19 @@ def main() -> None:
     hidden = config_json.get("text_config", config_json)["hidden_size"]
     load_before = load_note()
     pings = [round_trip_ms(hidden)]
-    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS + CONTROLS}
     try:
         for i in range(args.rounds):
             for config in CONFIGS if i % 2 == 0 else CONFIGS[::-1]:
                 r = run_config(config, packed, limits, gen_args, args.timeout)
                 runs[config].append(r)
                 print(f"round {i + 1} {LABELS[config]}: {describe(r)}; {load_note()}", flush=True)
+        for i in range(args.control_rounds):
+            for config in CONTROLS if i % 2 == 0 else CONTROLS[::-1]:
+                cache = int(median_run(runs["one-50"])["cache_mb"] * 1e6)
+                r = run_config(config, packed, limits, gen_args, args.timeout, cache)
+                runs[config].append(r)
+                print(f"control {i + 1} {LABELS[config]}: {describe(r)}; {load_note()}", flush=True)
     finally:
         for name in ("single", "rank0", "rank1"):  # a failed run may leave its groups behind
             group = MemoryGroup(f"{PREFIX}{name}", 0)
@@ -267,12 +305,17 @@ def main() -> None:
     same = all(t == all_tokens[0] for t in all_tokens)
     print(f"greedy tokens identical across all {len(all_tokens)} runs: {same}")
 
-    def median_run(rs: list[dict]) -> dict:
-        return sorted(rs, key=lambda r: r["tps"])[(len(rs) - 1) // 2]
-
     m = {c: median_run(runs[c]) for c in CONFIGS}
     vs50 = m["two-25"]["tps"] / m["one-50"]["tps"]
     vs25 = m["two-25"]["tps"] / m["one-25"]["tps"]
+    control = ""
+    if args.control_rounds:
+        c1, c2 = median_run(runs["one-free"]), median_run(runs["two-free"])
+        control = (f"control, no group and the 50 % process's cache {c1['cache_mb']:.0f} MB (two ranks: half each; "
+                   f"the page cache unbounded; median of {args.control_rounds}): one process "
+                   f"{c1['tps']:.3f} tok/s, two ranks {c2['tps']:.3f} tok/s, ratio {c2['tps'] / c1['tps']:.3f} "
+                   "(the pipeline's own cost on this 2-core machine)")  # fmt: skip
+        print(control)
     print(
         f"P8 two 25 % ranks ÷ one 50 % process: {vs50:.3f} (goal >= 0.9: {'met' if vs50 >= 0.9 else 'not met'})"
     )
@@ -293,6 +336,7 @@ def main() -> None:
                      f"step sends 2 x (20 + {4 * hidden}) B (header + float32 hidden state each way), the rest is "
                      f"prefill and stats; loopback round trip of those messages {pings[0][0]:.2f} / {pings[1][0]:.2f} ms, "
                      f"a rank waiting in recv uses {pings[0][1]:.2f} / {pings[1][1]:.2f} cores (before / after)")  # fmt: skip
+            note += f"; {control}" if control else ""
         note += f"; greedy tokens identical in all {len(all_tokens)} runs: {'yes' if same else 'NO'}; {load}"
         rows.append(row(config, "P8 decode tok/s (ratio: ÷ one process in 50 %)", r["tps"],
                         r["tps"] / m["one-50"]["tps"], note))  # fmt: skip
