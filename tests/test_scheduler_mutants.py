@@ -18,7 +18,7 @@ import pytest
 
 from streamer.generation import scheduler as scheduler_module
 from streamer.generation.generate import GenerationResponse, prefill, stream_generate, token_text
-from streamer.generation.sampling import SamplingParams, make_sampler
+from streamer.generation.sampling import SamplingParams, TokenSampler, make_sampler
 from streamer.generation.scheduler import GenSequence, MemoryBudgetError, Scheduler
 from streamer.models.layer_cache import DeltaNetCache, KVBatch, KVCache, RaggedBatch
 
@@ -56,6 +56,8 @@ class ToyModel:
     def __init__(self, lazy: bool = True):
         self.lazy = lazy
         self.calls: list[tuple[int, int]] = []  # the shape of each call's tokens
+        self.last_only: list[bool] = []  # each call's last_only
+        self.kinds: list[str] = []  # each call's first layer cache type: KVCache (own) or a batch
 
     def make_cache(self):
         return [KVCache(), DeltaNetCache()]
@@ -68,7 +70,9 @@ class ToyModel:
 
     def __call__(self, tokens, cache, last_only=False):
         self.calls.append(tuple(tokens.shape))
+        self.last_only.append(last_only)
         kv, dn = cache[0], cache[1]
+        self.kinds.append(type(kv).__name__)
         if isinstance(kv, RaggedBatch):  # prompts end to end along one row
             out, start = [], 0
             for n, kv_m, dn_m in zip(kv.lengths, kv.members, dn.members, strict=True):
@@ -232,12 +236,12 @@ def test_prefill_pieces_callbacks_and_boundaries():
         PROMPTS[2],  # 20 tokens
         max_tokens=2,
         boundaries=[3, 8, 20, 25],
-        on_prefill=lambda s, done, total: progress.append((done, total)),
+        on_prefill=lambda s, done, total: progress.append((s, done, total)),
         on_boundary=lambda s, n: boundaries.append((n, _offsets(s))),
     )
     scheduler = Scheduler(model, prefill_chunk=6)
     _run(scheduler, {0: [seq]})
-    assert progress == [(3, 20), (8, 20), (14, 20), (20, 20)]
+    assert progress == [(seq, 3, 20), (seq, 8, 20), (seq, 14, 20), (seq, 20, 20)]
     assert boundaries == [(3, {3}), (8, {8}), (20, {20})]
     assert [shape for shape in model.calls if shape[1] > 1] == [(1, 3), (1, 5), (1, 6), (1, 6)]
     assert seq.tokens == greedy_after(PROMPTS[2], 2)
@@ -459,7 +463,7 @@ def test_followers_adopt_the_leader_state_and_read_the_prompt_once():
             max_tokens=6,
             params=p,
             follows=leader,
-            on_prefill=lambda s, d, t: progress.append(d),
+            on_prefill=lambda s, d, t: progress.append((s, d, t)),
         )
         for p in params[1:]
     ]
@@ -469,7 +473,7 @@ def test_followers_adopt_the_leader_state_and_read_the_prompt_once():
         assert seq.tokens == _sampled_reference(prompt, p, 6)
     assert [f.adopted for f in followers] == [True, True] and not leader.adopted
     assert [f.follows for f in followers] == [None, None]
-    assert progress == [20, 20]
+    assert progress == [(followers[0], 20, 20), (followers[1], 20, 20)]
     assert sum(n for b, n in model.calls if b == 1 and n > 1) == len(prompt)
     assert all(_offsets(f) == {len(prompt) + 5} for f in followers)
 
@@ -617,8 +621,9 @@ def test_no_step_is_built_ahead_for_the_last_token_or_an_eager_model():
     assert s.pipelined_steps == 0
     plain = _Plain()
     s = Scheduler(plain)
-    _run(s, {0: [_seq(plain, PROMPTS[0], max_tokens=10)]})
-    assert s.pipelined_steps == 0
+    seq = _seq(plain, PROMPTS[0], max_tokens=10)
+    _run(s, {0: [seq]})
+    assert s.pipelined_steps == 0 and seq.tokens == greedy_after(PROMPTS[0], 10)
 
 
 class _Plain(ToyModel):
@@ -686,6 +691,7 @@ def test_prefill_runs_chunks_and_returns_the_last_logits():
     assert int(mx.argmax(logits).item()) == next_id(PROMPTS[2])
     np.testing.assert_array_equal(np.array(logits), toy_logits(PROMPTS[2]))
     assert model.calls == [(1, 6), (1, 6), (1, 6), (1, 2)]
+    assert model.last_only == [True] * 4  # the output head on the last position only
     assert progress == [(6, 20), (12, 20), (18, 20), (20, 20)]
     assert {c.offset for c in cache} == {20}
     model.calls.clear()
@@ -774,3 +780,219 @@ def test_stream_generate_raises_the_sequence_error():
 
     with pytest.raises(_Boom, match="sampler broke"):
         list(stream_generate(model, _Tok(), PROMPTS[0], broken, 5))
+
+
+class _Scratch:
+    """A layer cache with no position (no ``offset``): counts as 0 cached tokens."""
+
+    state: list = []  # nothing to evaluate
+
+    def snapshot(self):
+        return None
+
+    def restore(self, snap):
+        pass
+
+
+class _ScratchModel(ToyModel):
+    def make_cache(self):
+        return [KVCache(), DeltaNetCache(), _Scratch()]
+
+
+class _Bigram(ToyModel):
+    """A model without layers (no state at all): the next token depends on the last one alone."""
+
+    def make_cache(self):
+        return []
+
+    def __call__(self, tokens, cache, last_only=False):
+        self.calls.append(tuple(tokens.shape))
+        logits = -0.3 * mx.abs(mx.arange(V)[None, None, :] - ((tokens * 7 + 3) % V)[..., None])
+        if cache and isinstance(cache[0], RaggedBatch):  # never: no layers, so no per-layer batches
+            raise AssertionError
+        if last_only:
+            if hasattr(cache, "lengths") and cache.lengths:  # a ragged call: each piece's last position
+                return logits[:, mx.array(np.cumsum(cache.lengths) - 1)]
+            return logits[:, -1:]
+        return logits
+
+
+def test_layers_without_a_position_and_models_without_layers_count_no_cached_tokens():
+    scratch = _ScratchModel()
+    scheduler = Scheduler(scratch, max_state_bytes=10**12)
+    fresh = _seq(scratch, PROMPTS[0], max_tokens=3)
+    assert scheduler.state_bytes(fresh) == scratch.state_bytes(len(PROMPTS[0]) + 3)
+    _run(scheduler, {0: [fresh]})
+    assert fresh.tokens == greedy_after(PROMPTS[0], 3)
+    again = GenSequence([1, 2], make_sampler(GREEDY), 3, fresh.cache)
+    assert scheduler.state_bytes(again) == scratch.state_bytes(len(PROMPTS[0]) + 2 + 2 + 3)
+
+    bigram = _Bigram()
+    scheduler = Scheduler(bigram, max_batch=2, max_state_bytes=10**12)
+    seqs = [_seq(bigram, p, max_tokens=4) for p in PROMPTS[:2]]
+    assert scheduler.state_bytes(seqs[0]) == bigram.state_bytes(len(PROMPTS[0]) + 4)
+    _run(scheduler, {0: seqs})
+    for seq, p in zip(seqs, PROMPTS, strict=False):
+        want = [p[-1]]
+        for _ in range(4):
+            want.append((want[-1] * 7 + 3) % V)
+        assert seq.tokens == want[1:]
+
+
+def test_one_step_is_built_ahead_per_decode_step_but_the_last_and_each_is_used():
+    """A lone greedy sequence of N tokens: the first comes from the prefill, N - 1 decode steps follow, and
+    each but the last builds the next one ahead, which the next step then uses: N model calls in all."""
+    model = ToyModel()
+    scheduler = Scheduler(model)
+    seq = _seq(model, PROMPTS[0], max_tokens=10)
+    _run(scheduler, {0: [seq]})
+    assert seq.tokens == greedy_after(PROMPTS[0], 10)
+    assert scheduler.decode_steps == 9 and scheduler.pipelined_steps == 8
+    assert len(model.calls) == 1 + 9  # no step was built twice or thrown away
+    assert model.kinds == ["KVCache"] * 10  # a batch of one runs on the sequence's own caches
+
+
+def test_a_sequence_stopped_during_a_step_is_left_out_of_the_step_built_ahead():
+    """A stop that lands mid-step (here from another sequence's prefill callback, as a client thread could)
+    after the next step was built for the batch: that step is undone and the batch runs anew without it."""
+    model = ToyModel()
+    scheduler = Scheduler(model, max_batch=3)
+    a, b = _seq(model, PROMPTS[0], max_tokens=12), _seq(model, PROMPTS[1], max_tokens=12)
+    scheduler.add(a)
+    scheduler.add(b)
+    for _ in range(3):
+        scheduler.step()
+    assert scheduler._pending is not None  # built ahead for [a, b]
+    late = _seq(model, PROMPTS[3], max_tokens=4, on_prefill=lambda s, done, total: b.stop("left"))
+    scheduler.add(late)
+    _run(scheduler, {})
+    assert b.finish_reason == "left" and 0 < len(b.tokens) < 12
+    assert b.tokens == greedy_after(PROMPTS[1], len(b.tokens))
+    assert _offsets(b) == {len(PROMPTS[1]) + len(b.tokens) - 1}  # what was built for it was undone
+    assert a.tokens == greedy_after(PROMPTS[0], 12) and late.tokens == greedy_after(PROMPTS[3], 4)
+    assert _offsets(a) == {len(PROMPTS[0]) + 11}
+
+
+class _CountingSampler(TokenSampler):
+    """A plain greedy sampler that counts the times it is asked to pick."""
+
+    def __init__(self):
+        super().__init__(GREEDY)
+        self.picks = 0
+
+    def __call__(self, logits):
+        self.picks += 1
+        return super().__call__(logits)
+
+
+def test_greedy_rows_take_the_batch_argmax_instead_of_calling_their_samplers():
+    """One argmax over the batch per decode step: a plain greedy row's sampler picks only the first token
+    (from the prompt's logits) and is told the others (``accept``)."""
+    model = ToyModel(lazy=False)
+    seqs = [_seq(model, p, max_tokens=6) for p in PROMPTS[:3]]
+    for s in seqs:
+        s.sampler = _CountingSampler()
+    _run(Scheduler(model, max_batch=3), {0: seqs})
+    assert [s.tokens for s in seqs] == [greedy_after(p, 6) for p in PROMPTS[:3]]
+    assert [s.sampler.picks for s in seqs] == [1, 1, 1]
+    assert [list(s.sampler._recent) for s in seqs] == [s.tokens for s in seqs]
+
+
+def test_a_failing_on_token_fails_only_its_sequence():
+    model = ToyModel()
+    seqs = [_seq(model, p, max_tokens=6) for p in PROMPTS[:3]]
+
+    def fussy(seq, token, reason):
+        if len(seq.tokens) == 3:
+            raise _Boom("consumer broke")
+
+    seqs[1].on_token = fussy
+    scheduler = Scheduler(model, max_batch=3)
+    _run(scheduler, {0: seqs})
+    assert seqs[1].finish_reason == "error" and isinstance(seqs[1].error, _Boom)
+    assert seqs[1].tokens == greedy_after(PROMPTS[1], 3)
+    assert _offsets(seqs[1]) == {len(PROMPTS[1]) + 2}
+    assert seqs[0].tokens == greedy_after(PROMPTS[0], 6) and seqs[2].tokens == greedy_after(PROMPTS[2], 6)
+
+
+def test_a_failing_decode_call_fails_its_rows_and_a_later_batch_is_clean():
+    model = ToyModel(lazy=False)
+    scheduler = Scheduler(model, max_batch=2)
+    seqs = [_seq(model, p, max_tokens=6) for p in PROMPTS[:2]]
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.step()  # both prompts read, both first tokens
+    real = model._one
+
+    def broken(*args):
+        raise _Boom("decode broke")
+
+    model._one = broken
+    scheduler.step()  # the decode of both rows fails
+    assert [s.finish_reason for s in seqs] == ["error", "error"]
+    assert all(isinstance(s.error, _Boom) and len(s.tokens) == 1 for s in seqs)
+    model._one = real
+    later = _seq(model, PROMPTS[2], max_tokens=4)
+    _run(scheduler, {0: [later]})
+    assert later.tokens == greedy_after(PROMPTS[2], 4)
+    assert scheduler.running == [] and scheduler.reserved_bytes == 0
+
+
+def test_a_prompt_piece_counts_its_own_tokens_toward_the_chunk():
+    """The second piece of a long prompt (2 tokens after the first 8) leaves room for another prompt."""
+    model = ToyModel()
+    scheduler = Scheduler(model, max_batch=2, prefill_chunk=8)
+    long, short = _seq(model, list(range(1, 11)), max_tokens=2), _seq(model, [3, 4], max_tokens=2)
+    _run(scheduler, {0: [long, short]})
+    prefill = [n for b, n in model.calls if b == 1 and n > 1]
+    assert prefill == [8, 4]  # 8 of the long one; then its last 2 with the short one's 2
+    assert long.tokens == greedy_after(long.prompt, 2) and short.tokens == greedy_after(short.prompt, 2)
+
+
+def test_followers_are_never_prefilled_even_with_room_in_the_chunk():
+    model = ToyModel()
+    prompt = PROMPTS[2]
+    leader = _seq(model, prompt, max_tokens=3)
+    followers = [_seq(model, prompt, max_tokens=3, follows=leader) for _ in range(2)]
+    scheduler = Scheduler(model, max_batch=3, prefill_chunk=64)
+    _run(scheduler, {0: [leader, *followers]})
+    assert model.calls[0] == (1, len(prompt))  # the leader's prompt alone
+    assert [s.tokens for s in followers] == [greedy_after(prompt, 3)] * 2
+
+
+def test_a_sequence_stopped_right_after_admission_is_not_prefilled():
+    """A stop that lands after the admission (another thread) keeps its prompt from being read."""
+    model = ToyModel()
+    scheduler = Scheduler(model, max_batch=2, prefill_chunk=64)
+    kept, gone = _seq(model, PROMPTS[0], max_tokens=2), _seq(model, PROMPTS[2], max_tokens=2)
+    admit = scheduler._admit
+
+    def admit_then_stop():
+        admit()
+        gone.stop("left")
+
+    scheduler._admit = admit_then_stop
+    _run(scheduler, {0: [kept, gone]})
+    assert model.calls[0] == (1, len(PROMPTS[0]))  # the stopped one's prompt is not in the call
+    assert gone.finish_reason == "left" and gone.fed == 0 and gone.tokens == []
+    assert kept.tokens == greedy_after(PROMPTS[0], 2)
+
+
+def test_only_followers_adopt_a_prompt_state():
+    """Another request with the same prompt that does not follow the leader reads the prompt itself."""
+    model = ToyModel()
+    scheduler = Scheduler(model, max_batch=1, prefill_chunk=64)
+    leader = _seq(model, PROMPTS[2], max_tokens=3)
+    twin = _seq(model, PROMPTS[2], max_tokens=3)  # waits while the leader runs
+    _run(scheduler, {0: [leader, twin]})
+    assert not twin.adopted and twin.tokens == greedy_after(PROMPTS[2], 3)
+    assert [n for b, n in model.calls if n > 1] == [len(PROMPTS[2])] * 2
+
+
+def test_counters_start_at_zero_and_a_prefill_alone_decodes_nothing():
+    model = ToyModel()
+    scheduler = Scheduler(model)
+    assert (scheduler.steps, scheduler.decode_steps, scheduler.decoded_tokens) == (0, 0, 0)
+    assert scheduler.largest_batch == 0 and scheduler.pipelined_steps == 0 and not scheduler.busy
+    _run(scheduler, {0: [_seq(model, PROMPTS[0], max_tokens=1)]})  # its one token comes from the prefill
+    assert scheduler.steps == 1 and scheduler.decode_steps == 0 and scheduler.largest_batch == 0

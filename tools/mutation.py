@@ -3,11 +3,14 @@
     python tools/mutation.py                   # every core module, one after the other
     python tools/mutation.py tool_calls        # one module (names: --list)
     python tools/mutation.py sampling --show   # also print each survivor's diff and equivalents row
+    python tools/mutation.py sampling --survivors  # after adding tests: re-run only the last survivors
 
 Each module runs in its own work directory under ``.mutation/NAME/`` (git-ignored): a generated
 ``pyproject.toml`` names the one file to mutate and the tests that exercise it, so mutmut copies the
 package into ``.mutation/NAME/mutants/`` and never touches the working tree. A re-run reuses the
 results only while neither the module nor its tests changed; ``--fresh`` starts over anyway.
+``--survivors`` keeps the results when only tests changed and re-runs the survivors alone: right when
+tests were only added or made stricter (a killed mutant stays killed), and much faster than a full run.
 
 Surviving mutants that cannot be killed (the mutated program behaves the same) are listed with a reason
 in ``tests/mutation_equivalents.md``; the table counts them apart and scores killed / (total − equivalent).
@@ -39,7 +42,7 @@ class Target:
 
 EXPERT_EDGES = ("tests/test_expert_cache_edges.py",)
 STORAGE_EDGES = ("tests/test_packed_format_edges.py",)
-GENERATION = ("tests/test_scheduler_mutants.py", "tests/test_scheduler.py")
+GENERATION = ("tests/test_scheduler_mutants.py",)
 TARGETS = {
     "tool_calls": Target(
         "streamer/serve/tool_calls.py", ("tests/test_tool_calls.py", "tests/test_tool_calls_edges.py")
@@ -55,9 +58,10 @@ TARGETS = {
     "gated_delta": Target(
         "streamer/models/gated_delta.py", ("tests/test_gated_delta.py", "tests/test_gated_delta_mutants.py")
     ),
-    # The generation loop: the toy-model tests (no checkpoint: most mutants die there in a second) and the
-    # real-model batching tests. test_generate_cli.py is left out: it repacks two checkpoints and loads
-    # mlx-lm, too slow to run once per mutant; the toy model checks stream_generate's output instead.
+    # The generation loop, against a toy model whose every token is known (no checkpoint, about a second
+    # per mutant). test_scheduler.py (a repacked model per run, ~25 s) and test_generate_cli.py (two
+    # repacks and mlx-lm) cost too much per mutant: a scheduler run with test_scheduler.py did ~15
+    # mutants a minute on a shared 2-core machine, most of an hour for its 495.
     "scheduler": Target("streamer/generation/scheduler.py", GENERATION),
     "generate": Target("streamer/generation/generate.py", GENERATION),
     "repack": Target("streamer/storage/repack.py", ("tests/repack",)),
@@ -144,23 +148,46 @@ def mutated_line(work: Path, name: str) -> str:
     return added[0] if added else ""
 
 
-def run_module(name: str, fresh: bool, show: bool, children: int) -> dict[str, object]:
-    target = TARGETS[name]
-    work = write_config(name, target)
-    # mutmut keeps a survivor's verdict while the test names it knows stay the same, even when a test's
-    # body changed: start over whenever the module or any of its tests changed.
-    stamp = work / "inputs.sha256"
-    digest = inputs_digest(target)
-    if fresh or not stamp.exists() or stamp.read_text() != digest:
-        shutil.rmtree(work / "mutants", ignore_errors=True)
-    print(f"== {name}: {target.path} against {' '.join(target.tests)}", flush=True)
-    mutmut(work, "run", "--max-children", str(children), quiet=True)
-    stamp.write_text(digest)
+def read_statuses(work: Path) -> dict[str, str]:
+    """Mutant name -> table column, from mutmut's recorded results."""
     statuses = {}
     for line in mutmut(work, "results", "--all", "true", quiet=True).splitlines():
         key, _, status = line.strip().rpartition(": ")
         if key:
             statuses[key] = COLUMNS.get(status, status)
+    return statuses
+
+
+def run_module(
+    name: str, fresh: bool, show: bool, children: int, survivors: bool = False
+) -> dict[str, object]:
+    target = TARGETS[name]
+    work = write_config(name, target)
+    # mutmut keeps a survivor's verdict while the test names it knows stay the same, even when a test's
+    # body changed: start over whenever the module or any of its tests changed (unless --survivors and
+    # only tests changed).
+    stamp, module_stamp = work / "inputs.sha256", work / "module.sha256"
+    digest = inputs_digest(target)
+    module_digest = hashlib.sha256((ROOT / target.path).read_bytes()).hexdigest()
+    keep = (
+        survivors
+        and module_stamp.exists()
+        and module_stamp.read_text() == module_digest
+        and (work / "mutants").exists()
+    )
+    # (survivors listed as equivalent are not re-run; the table below still checks their diffs)
+    listed = read_equivalents()
+    rerun = [k for k, s in read_statuses(work).items() if s == "survived" and k not in listed] if keep else []
+    if not keep and (fresh or not stamp.exists() or stamp.read_text() != digest):
+        shutil.rmtree(work / "mutants", ignore_errors=True)
+    print(f"== {name}: {target.path} against {' '.join(target.tests)}", flush=True)
+    if keep:
+        print(f"   the module is unchanged: re-running its {len(rerun)} survivors only", flush=True)
+    if rerun or not keep:
+        mutmut(work, "run", "--max-children", str(children), *rerun, quiet=True)
+    stamp.write_text(digest)
+    module_stamp.write_text(module_digest)
+    statuses = read_statuses(work)
     equivalents = read_equivalents()
     counts = {"killed": 0, "survived": 0, "equivalent": 0, "timeout": 0, "no tests": 0}
     for key, status in sorted(statuses.items()):
@@ -203,6 +230,9 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help="module names (default: all)")
     parser.add_argument("--list", action="store_true", help="list the module names and their tests")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument(
+        "--survivors", action="store_true", help="keep the results, re-run the survivors (tests only added)"
+    )
     parser.add_argument("--show", action="store_true", help="print each surviving mutant's diff")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once (default 2)")
     args = parser.parse_args()
@@ -213,7 +243,9 @@ def main() -> None:
     unknown = [m for m in args.modules if m not in TARGETS]
     if unknown:
         raise SystemExit(f"unknown module {', '.join(unknown)}: choose from {', '.join(TARGETS)}")
-    rows = [run_module(m, args.fresh, args.show, args.children) for m in args.modules or TARGETS]
+    rows = [
+        run_module(m, args.fresh, args.show, args.children, args.survivors) for m in args.modules or TARGETS
+    ]
     print_table(rows)
 
 
