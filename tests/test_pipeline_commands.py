@@ -71,7 +71,7 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=LAUNCH_TIMEOUT_S) as r:
             return json.load(r)
 
-    def interrupt(self, timeout: float = 60) -> int:
+    def interrupt(self, timeout: float = 90) -> int:
         """Ctrl-C as a terminal sends it: to every process of the group (the launcher and each rank)."""
         os.killpg(self.proc.pid, signal.SIGINT)
         try:
@@ -83,6 +83,15 @@ class Server:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def _tracebacks_of_ours(err: str) -> list[str]:
+    """The tracebacks in ``err`` not from mlx.launch itself (its main loop does not catch the Ctrl-C that
+    reaches it with the ranks, so it may print one of its own, whatever the ranks do)."""
+    blocks = err.split("Traceback (most recent call last):")[1:]
+    return [
+        b for b in blocks if "_distributed_utils/launch.py" not in b or re.search(r'File "[^"]*/streamer/', b)
+    ]
 
 
 def _completion(prompt: str, n: int = 1) -> dict:
@@ -111,7 +120,8 @@ def _session(server: Server) -> dict:
 def test_serve_across_ranks_answers_as_one_process(packed, tmp_path, ranks):  # noqa: F811
     ranks_wanted = ranks
     one = Server(packed, tmp_path / "one")
-    two = Server(packed, tmp_path / "two", ranks)
+    # A bounded wait on peers: whatever Ctrl-C interrupts, every rank ends within it.
+    two = Server(packed, tmp_path / "two", ranks, "--pipeline-timeout", "30")
     try:
         one.wait_listening()
         want = _session(one)
@@ -142,7 +152,7 @@ def test_serve_across_ranks_answers_as_one_process(packed, tmp_path, ranks):  # 
         code = two.interrupt()
         err = "".join(two.lines)
         assert code == 130 or "exited with code 130" in err, err  # rank 0 ends as one process does
-        assert "Traceback" not in err, err
+        assert not _tracebacks_of_ours(err), err
     finally:
         one.kill()
         two.kill()

@@ -81,6 +81,7 @@ class Link:
         self.wait_s = 0.0  # time spent in receives (waiting on the other stages and the wire)
         self.bytes_sent = 0
         self.broken = False  # a peer is gone: nothing more is sent
+        self._watchdog = _Watchdog(self)
 
     def send(self, x: mx.array) -> None:
         self._bounded(mx.distributed.send(x, self.next, group=self.group), self.next, "sending to")
@@ -100,14 +101,7 @@ class Link:
         return self.recv((HEADER,), mx.int32).tolist()
 
     def _bounded(self, x: mx.array, peer: int, what: str) -> None:
-        timer = threading.Timer(
-            self.timeout_s,
-            self.on_timeout,
-            (f"rank {self.rank}: rank {peer} did not answer within {self.timeout_s:g} s ({what} it); "
-             "stopping (a stopped or unreachable peer; raise --pipeline-timeout if a step can take longer)",),
-        )  # fmt: skip
-        timer.daemon = True
-        timer.start()
+        self._watchdog.arm(peer, what)
         try:
             mx.eval(x)
         except RuntimeError as e:
@@ -117,7 +111,37 @@ class Link:
                 self.on_lost(message)
             raise PipelineError(message) from None
         finally:
-            timer.cancel()
+            self._watchdog.disarm()
+
+
+class _Watchdog:
+    """Ends a wait on a peer that takes longer than ``timeout_s``: one thread for all of a link's sends and
+    receives (a timer thread per message cost ~0.1 ms each, several per step)."""
+
+    def __init__(self, link: Link):
+        self.link = link
+        self._wait: tuple[float, int, str] | None = None  # (deadline, peer, what), replaced whole
+        self._tick = min(0.25, link.timeout_s / 4)
+        threading.Thread(target=self._watch, name="streamer-pipeline-watchdog", daemon=True).start()
+
+    def arm(self, peer: int, what: str) -> None:
+        self._wait = (time.monotonic() + self.link.timeout_s, peer, what)
+
+    def disarm(self) -> None:
+        self._wait = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            wait = self._wait
+            if wait is not None and time.monotonic() > wait[0]:
+                link, (_, peer, what) = self.link, wait
+                link.on_timeout(
+                    f"rank {link.rank}: rank {peer} did not answer within {link.timeout_s:g} s ({what} it); "
+                    "stopping (a stopped or unreachable peer; raise --pipeline-timeout if a step can take "
+                    "longer)"
+                )
+                return
 
 
 def rank_stats(stage: Stage, link: Link, held: tuple[int, int] | None = None) -> dict:
