@@ -25,9 +25,9 @@ memory. The three configurations alternate for ``--rounds`` rounds (order revers
 each is summarised by its median-tok/s run. Then the control, ``--control-rounds`` times: one process with
 the 50 % process's cache and two ranks with half of it each, no group (the page cache unbounded, so reads
 after the first come from memory): what the pipeline itself costs on this machine, where both ranks share
-the same 2 cores (a rank waiting in ``recv`` is not
-idle: MLX's ring backend polls its non-blocking socket; the loopback probe before and after the runs
-measures that and the round trip of one decode step's messages). Every run's greedy tokens must be the same.
+the same 2 cores (a rank waiting in ``recv`` is not idle: MLX's ring backend polls its non-blocking socket;
+the loopback probe before and after the runs measures that and the round trip of one decode step's
+messages). Every run's greedy tokens must be the same.
 
 Goal: two 25 % ranks >= 0.9x one 50 % process and >= 1.5x one 25 % process. Appends one row per
 configuration to benchmarks/results.tsv (value: tok/s; ratio: ÷ one process in 50 %).
