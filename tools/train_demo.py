@@ -199,9 +199,9 @@ def start_continuation(source: Path, run_dir: Path, cfg, rewarm_steps: int) -> N
         "from_steps": saved["steps"],
         "rewarm_steps": rewarm_steps,
         "schedule": (
-            f"steps 1-{saved['steps']}: the {saved['steps']}-step run's (warm-up, cosine to its floor); "
-            f"then a linear re-warm over {rewarm_steps} steps to the {cfg.steps}-step run's rate, "
-            f"whose cosine it follows from step {saved['steps'] + rewarm_steps} to {cfg.steps}"
+            f"steps 1-{saved['steps']}: {source}'s (ending at its floor); then a linear re-warm over "
+            f"{rewarm_steps} steps to the {cfg.steps}-step run's rate, whose cosine it follows from step "
+            f"{saved['steps'] + rewarm_steps} to {cfg.steps}"
         ),
     }
     (run_dir / CONTINUED).write_text(json.dumps(info, indent=2) + "\n")
@@ -243,6 +243,8 @@ def continued_optimizer(run_dir: Path, cfg):
         return
     info = json.loads((run_dir / CONTINUED).read_text())
     schedule = continued_schedule(cfg, info["from_steps"], info["rewarm_steps"])
+    if (earlier := Path(info["from"]) / CONTINUED).exists():  # the source was itself continued
+        info = {**info, "from_continued": json.loads(earlier.read_text())}
 
     def make_optimizer(c):
         return optim.AdamW(schedule, betas=[0.9, 0.95], weight_decay=c.weight_decay)
