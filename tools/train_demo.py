@@ -10,9 +10,10 @@
     python tools/train_demo.py --preset demo-mix --steps 1200 --out scratch/demo-mix1200 \
         --continue-from scratch/demo-mix550                       # 550 steps more on a finished run
 
-``--preset`` picks a named geometry (``demo_training.PRESETS``: ``demo``, the default, is the shipped
-model; ``demo-mix`` the same on a wider corpus; ``routing-study`` has the 397B's routing shape in
-miniature); the other flags override its fields.
+``--preset`` picks a named geometry (``demo_training.PRESETS``: ``demo``, the default, the stdlib-only
+model shipped before; ``demo-mix`` the same on a wider corpus, the shipped weights: 550 steps, continued to
+1,200 and then 1,700 with ``--continue-from``, see README "The demo model"; ``routing-study`` has the 397B's
+routing shape in miniature); the other flags override its fields.
 
 A Qwen3.5-MoE (the project's own model classes, float32, chunked DeltaNet) learns Python source already on
 the machine (``--corpus``: ``stdlib``, the default and the shipped demo's, or ``stdlib+site-packages``, the
