@@ -5,6 +5,7 @@ type. Expected values are computed here from the files and the manifest, not tak
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,13 +17,13 @@ import pytest
 
 from streamer.errors import CheckpointError
 from streamer.storage import repack as repack_module
-from streamer.storage.packed_format import RESIDENT_FILE
+from streamer.storage.packed_format import MANIFEST_FILE, RESIDENT_FILE
 from streamer.storage.repack import run_repack
-from streamer.storage.repack_plan import make_plan
+from streamer.storage.repack_plan import DestinationError, make_plan
 from streamer.storage.safetensors_file import read_header
-from streamer.storage.verify import read_any_manifest
+from streamer.storage.verify import read_any_manifest, verify_packed
 from streamer.synthetic.writer import generate
-from tests.repack.helpers import Interrupt, _flip, _interrupt_after_layer
+from tests.repack.helpers import Interrupt, _assert_reproduces, _flip, _interrupt_after_layer
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +199,111 @@ def test_the_manifest_records_the_source_model_type(src, tmp_path, layers):
     run_repack(make_plan(src, dst, layers))
     want = json.loads((src / "config.json").read_text())["model_type"]
     assert want and read_any_manifest(dst).model_type == want
+
+
+def test_tensors_spanning_checksum_slices_are_written_and_checksummed_whole(src, tmp_path, monkeypatch):
+    """Slices of 1000 bytes: most tensors and expert components cross a slice edge (1 MiB in real use,
+    larger than every tensor of the tiny model)."""
+    monkeypatch.setattr(repack_module, "SLICE_BYTES", 1000)
+    dst = tmp_path / "out"
+    run_repack(make_plan(src, dst))
+    _assert_reproduces(src, dst)
+    verify_packed(dst)
+
+
+@pytest.mark.parametrize("group_bytes, most, per", [(16384, 256, 1), (1 << 30, 3, 3)])
+def test_expert_groups_are_bounded_by_bytes_and_by_count(src, tmp_path, monkeypatch, group_bytes, most, per):
+    """Each expert group is reported once written: a layer's progress steps are its header, then groups
+    of ``per`` blocks (the rest last): at most GROUP_BYTES, never below one expert, at most
+    MAX_GROUP_EXPERTS."""
+    monkeypatch.setattr(repack_module, "GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(repack_module, "MAX_GROUP_EXPERTS", most)
+    dst, seen = tmp_path / "out", [0]
+    plan = make_plan(src, dst)
+    run_repack(plan, progress=lambda done, total: seen.append(done))
+    steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    entry = plan.layers[0]
+    assert entry.block_bytes == 16384 and entry.num_experts == 16
+    sizes = [per] * (16 // per) + ([16 % per] if 16 % per else [])
+    layer = [entry.data_offset] + [n * entry.block_bytes for n in sizes]
+    assert steps[-len(layer) * 4 :] == layer * 4  # the 4 layers, written after the resident file
+
+
+def test_an_already_packed_result(src, tmp_path):
+    dst = tmp_path / "out"
+    run_repack(make_plan(src, dst))
+    result = run_repack(make_plan(src, dst))
+    assert (result.dst, result.status, result.bytes_written) == (dst, "already packed", 0)
+    assert 0 <= result.seconds < 300
+
+
+def test_the_space_check_asks_for_what_is_left_to_write(src, tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(repack_module, "_check_space", lambda plan, needed: asked.append(needed))
+    dst = tmp_path / "out"
+    plan = make_plan(src, dst)
+    with pytest.raises(Interrupt):
+        run_repack(plan, after_layer=_interrupt_after_layer(1))
+    run_repack(make_plan(src, dst))
+    kept = [dst / RESIDENT_FILE, dst / "experts/layer_000.bin", dst / "experts/layer_001.bin"]
+    everything = plan.total_bytes + sum(f.stat().st_size for f in plan.checkpoint.extra_files)
+    assert asked == [everything, everything - sum(f.stat().st_size for f in kept)]
+
+
+def test_a_destination_that_changes_while_starting_is_refused(src, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    real, calls = repack_module.destination_status, []
+
+    def changing(plan):
+        calls.append(1)
+        status, journal = real(plan)
+        return ("partial" if len(calls) > 1 else status), journal
+
+    monkeypatch.setattr(repack_module, "destination_status", changing)
+    with pytest.raises(DestinationError) as e:
+        run_repack(make_plan(src, dst))
+    assert str(e.value) == f"{dst} changed while starting; run the command again"
+
+
+def test_a_copy_being_repaired_does_not_look_complete(src, tmp_path):
+    dst = tmp_path / "out"
+    run_repack(make_plan(src, dst))
+    entry = read_any_manifest(dst).layers[2]
+    _flip(dst / entry.file, entry.block_offset(0) + 5)
+    manifest_there = []
+    result = run_repack(
+        make_plan(src, dst), after_layer=lambda layer: manifest_there.append((dst / MANIFEST_FILE).exists())
+    )
+    assert result.status == "repaired" and manifest_there == [False]
+    verify_packed(dst)
+
+
+def test_a_stage_copy_of_another_checkpoint_is_refused_naming_it(src, tmp_path):
+    other = generate(tmp_path / "other-model", "tiny", dtype="float32", seed=4)
+    dst = tmp_path / "out"
+    run_repack(make_plan(other, dst, "2:3"))
+    with pytest.raises(DestinationError) as e:
+        run_repack(make_plan(src, dst, "2:3"))
+    assert str(e.value) == (
+        f"{dst} holds a packed copy of another checkpoint (other-model); "
+        "choose another destination or delete it"
+    )
+
+
+def test_a_fresh_result(src, tmp_path):
+    dst = tmp_path / "out"
+    result = run_repack(make_plan(src, dst))
+    assert (result.dst, result.status) == (dst, "packed") and 0 <= result.seconds < 300
+
+
+def test_a_full_disk_while_writing_says_how_to_resume(src, tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(repack_module, "_write_all_steps", full)
+    dst = tmp_path / "out"
+    with pytest.raises(DestinationError) as e:
+        run_repack(make_plan(src, dst))
+    assert str(e.value) == (
+        f"disk full while writing {dst}: free some space and run the same command again to resume"
+    )
