@@ -19,6 +19,7 @@ from streamer.storage.paths import list_packed_dirs, model_id_from_dir_name, mod
 from streamer.storage.repack import destination_status, plan_for_destination, run_repack
 from streamer.storage.repack_plan import RepackPlan, make_plan, parse_layers
 from streamer.storage.verify import (
+    bytes_to_check,
     check_held_files,
     read_any_manifest,
     select_layers,
@@ -221,7 +222,7 @@ def verify(model: str, layers: str | None) -> None:
     manifest = read_any_manifest(path)
     wanted = None if layers is None else parse_layers(layers, len(manifest.layers))
     entries = select_layers(manifest, wanted)
-    total = manifest.total_bytes - manifest.expert_bytes + sum(e.file_bytes for e in entries)
+    total = bytes_to_check(path, manifest, entries)
     start = time.monotonic()
     with _Bar("verify", total) as bar:
         verify_packed(path, progress=bar.step, layers=wanted)

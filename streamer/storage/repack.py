@@ -51,6 +51,7 @@ from streamer.storage.repack_destination import (
 from streamer.storage.repack_plan import DestinationError, RepackPlan
 from streamer.storage.safetensors_file import TensorInfo
 from streamer.storage.verify import (
+    bytes_to_check,
     check_held_files,
     packed_checks,
     read_any_manifest,
@@ -263,7 +264,7 @@ def _recheck(plan: RepackPlan, progress: ProgressFn | None) -> Journal | None:
     copy = _stage_copy(plan.dst)
     if copy is None:
         return recheck_complete(plan, progress)
-    total, checked = copy.total_bytes, 0
+    total, checked = bytes_to_check(plan.dst, copy), 0
 
     def step(n: int) -> None:
         nonlocal checked

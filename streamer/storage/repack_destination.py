@@ -24,7 +24,7 @@ from streamer.storage.packed_format import (
     pack_layer_header,
 )
 from streamer.storage.repack_plan import DestinationError, RepackPlan
-from streamer.storage.verify import packed_checks
+from streamer.storage.verify import bytes_to_check, packed_checks
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def recheck_complete(plan: RepackPlan, progress=None) -> Journal | None:
     """
     dst = plan.dst
     manifest = Manifest.from_json_bytes((dst / MANIFEST_FILE).read_bytes(), dst / MANIFEST_FILE)
-    total = manifest.total_bytes + sum(meta["bytes"] for meta in manifest.files.values())
+    total = bytes_to_check(dst, manifest)
     checked = 0
 
     def step(n: int) -> None:

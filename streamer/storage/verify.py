@@ -123,6 +123,17 @@ def packed_checks(
     return checks
 
 
+def bytes_to_check(path: Path, m: Manifest, layers: Sequence[LayerEntry] | None = None) -> int:
+    """What ``packed_checks`` reports to its progress in all: the copied files, the resident tensors' data
+    (not the header) and the held (or ``layers``') expert blocks (not headers). The total for a bar."""
+    try:
+        resident = sum(t.nbytes for t in _read_resident_header(path / RESIDENT_FILE).values())
+    except (PackedFormatError, OSError):  # damaged or missing: the checks say so; the bar needs a number
+        resident = m.resident_bytes
+    blocks = sum(e.expert_bytes for e in (m.held_layers if layers is None else layers))
+    return sum(meta["bytes"] for meta in m.files.values()) + resident + blocks
+
+
 def read_any_manifest(path: str | os.PathLike) -> Manifest:
     """The manifest of a whole packed copy or of a pipeline stage's copy (``Manifest.stage`` set)."""
     file = Path(path) / MANIFEST_FILE

@@ -55,17 +55,9 @@ def test_the_recheck_reports_its_progress(src, tmp_path, layers):
     done = [d for d, _ in seen]
     assert len(seen) > 3 and done == sorted(done) and done[0] > 0
     assert done[-1] == _data_bytes(dst)
-    assert len({t for _, t in seen}) == 1 and seen[0][1] >= done[-1]
-    if layers:
-        assert seen[0][1] == read_any_manifest(dst).total_bytes
+    assert {t for _, t in seen} == {done[-1]}  # one total, and the progress reaches it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the re-check's total counts file bytes (headers, padding; and for a whole copy the copied "
-    "files twice, repack_destination.recheck_complete) while its progress counts data bytes, so it "
-    "never reaches its total",
-)
 @pytest.mark.parametrize("layers", [None, "2:3"], ids=["whole", "stage"])
 def test_the_recheck_progress_ends_at_its_total(src, tmp_path, layers):
     dst = tmp_path / "out"
