@@ -515,6 +515,25 @@ def test_followers_of_a_leader_that_left_read_their_own_prompt():
     assert follower.tokens == greedy_after(PROMPTS[2], 3)
 
 
+@pytest.mark.parametrize("leader_state", ["finished", "past its prompt"])
+def test_a_follower_added_after_its_leader_read_the_prompt_reads_its_own(leader_state):
+    model = ToyModel()
+    leader = _seq(model, PROMPTS[2], max_tokens=3 if leader_state == "finished" else 50)
+    scheduler = Scheduler(model, max_batch=2, prefill_chunk=64)
+    scheduler.add(leader)
+    scheduler.step()  # the whole prompt is read in one piece
+    if leader_state == "finished":
+        _run(scheduler, {})
+    follower = _seq(model, PROMPTS[2], max_tokens=3, follows=leader)
+    scheduler.add(follower)
+    for _ in range(20):  # a bound: a follower waiting for an adoption that never comes would never end
+        if follower.done:
+            break
+        scheduler.step()
+    assert follower.done and not follower.adopted
+    assert follower.tokens == greedy_after(PROMPTS[2], 3)
+
+
 def test_argument_checks():
     model = ToyModel()
     with pytest.raises(ValueError, match=r"^a sequence needs at least one prompt token$"):

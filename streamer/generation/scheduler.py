@@ -177,6 +177,8 @@ class Scheduler:
                 f"longest, more than the {self.max_state_bytes / 2**20:.0f} MiB budget: shorten the prompt "
                 "or max_tokens, or raise the budget"
             )
+        if seq.follows is not None and (seq.follows.done or not seq.follows.prefilling):
+            seq.follows = None  # its leader's prompt was read already: no adoption will come, read its own
         self.waiting.append(seq)
         return seq
 
