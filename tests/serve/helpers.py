@@ -72,6 +72,16 @@ def stats(s) -> dict:
     return raw(s, "GET", "/v1/stats")[1]
 
 
+def totals_after(s, before: dict, requests: int, timeout: float = 15) -> dict:
+    """``/v1/stats`` totals once ``requests`` more requests than ``before`` are recorded (the worker records
+    a request just after its answer has gone, so a read right after the answer can miss it)."""
+    deadline = time.monotonic() + timeout
+    while (totals := stats(s)["totals"])["requests"] < before["requests"] + requests:
+        assert time.monotonic() < deadline, f"{requests} request(s) not recorded within {timeout} s"
+        time.sleep(0.02)
+    return totals
+
+
 def raw(s, method: str, path: str, body: bytes | None = None, headers=None) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
     conn.request(method, path, body=body, headers=headers or {})

@@ -11,7 +11,7 @@ import http.client
 import json
 import time
 
-from tests.serve.helpers import CALL, GREEDY, WEATHER_TOOL, oai, raw, stats
+from tests.serve.helpers import CALL, GREEDY, WEATHER_TOOL, oai, raw, stats, totals_after
 
 OFF = {"chat_template_kwargs": {"enable_thinking": False}}
 USER = [{"role": "user", "content": "seven tigers"}]
@@ -53,7 +53,7 @@ def test_choices_read_the_prompt_once(server):
     r = oai(server).chat.completions.create(
         model="tiny", messages=messages, max_tokens=4, n=3, extra_body={"ignore_eos": True, **OFF, **GREEDY}
     )
-    after = stats(server)["totals"]
+    after = totals_after(server, before, 1)
     prefilled = after["prefilled_tokens"] - before["prefilled_tokens"]
     assert 0 < prefilled <= r.usage.prompt_tokens  # once, not three times
     assert after["requests"] - before["requests"] == 1  # one request ...
