@@ -262,3 +262,13 @@ def test_serve_ends_with_one_line_when_a_rank_dies(packed, tmp_path):  # noqa: F
         assert "rank 0: lost the connection to rank 1" in err or "rank 1 exited with code 3" in err, err
     finally:
         two.kill()
+
+
+@pytest.mark.slow
+def test_preload_fills_every_ranks_cache(packed):  # noqa: F811
+    flags = ["--prompt-ids", "5,6,7", "-n", "4", "--json", "--preload", "all"]
+    run = _launch(2, "generate", str(packed), *flags)
+    assert "Traceback" not in run.stderr, run.stderr
+    ranks = json.loads(run.stdout)["stats"]["ranks"]
+    # Every expert of every stage fits this model's default cache: preloaded, no lookup misses.
+    assert [r["cache_misses"] for r in ranks] == [0, 0] and all(r["cache_hits"] > 0 for r in ranks), ranks

@@ -33,7 +33,9 @@ def runtime_options(command):
             "--cache-gb",
             type=float,
             default=None,
-            help="Expert cache size in GB (default: 75% of RAM minus resident weights minus 4 GB headroom).",
+            help="Expert cache size in GB (default: 75% of the memory this process may use (RAM, or its "
+            "cgroup's limit) minus resident weights and headroom: 4 GB, less below 16 GB). Under mlx.launch, "
+            "per rank.",
         ),
         click.option(
             "--cache-experts", type=int, default=None, help="Expert cache size as a number of experts."

@@ -23,6 +23,7 @@ from streamer.loader import (
     check_matches_config,
     check_routing,
     make_runtime,
+    preload,
     read_config,
     routing_label,
 )
@@ -210,6 +211,7 @@ def load_stage(
         assign_weights(model, keep, model.dtype, source=path)
         mx.eval(model.parameters())
         _wire_memory(resident_bytes + runtime.cache.capacity_bytes)
+        preload(runtime, path, config)  # --preload, over this stage's own layers
         log.info(
             "stage layers %d-%d: expert cache %.2f GB",
             layers[0],

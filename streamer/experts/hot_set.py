@@ -44,7 +44,7 @@ def hot_keys(profile: Profile, runtime) -> list[Key]:
     Ties go to the lower layer, then the lower expert id (deterministic).
     """
     pools: dict[int, tuple[int, list[int]]] = {}
-    for entry in runtime.packed.manifest.layers:
+    for entry in runtime.entries:  # the layers this runtime streams (a pipeline stage: its own)
         pool = runtime.cache.pool(entry.layer)
         pools.setdefault(id(pool), (pool.slots, []))[1].append(entry.layer)
     chosen: list[tuple[int, int, int]] = []
