@@ -49,9 +49,14 @@ def _single(packed, *flags) -> dict:
 
 
 def _free_port_base(ranks: int) -> int:
-    """A port with ``ranks`` free ports from it (mlx.launch's ring listens on port + rank)."""
+    """A port with ``ranks`` free ports from it (mlx.launch's ring listens on port + rank), below the
+    ephemeral range: a port there can be taken by any outgoing connection between this check and the bind."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; macOS's range starts at 49152
     for _ in range(50):
-        base = random.randrange(20000, 60000)
+        base = random.randrange(10000, min(low, 49152) - ranks)
         try:
             for p in range(base, base + ranks):
                 with socket.socket() as s:
