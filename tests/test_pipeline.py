@@ -68,17 +68,25 @@ def _free_port_base(ranks: int) -> int:
 
 
 def _launch(ranks: int, *args, env=None, timeout=LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``streamer ARGS`` on ``ranks`` ranks (ring backend, loopback)."""
+    return _launch_command(ranks, [str(BIN / "streamer"), *args], env=env, timeout=timeout)
+
+
+def _launch_command(
+    ranks: int, command: list[str], env=None, timeout=LAUNCH_TIMEOUT_S, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """``command`` on ``ranks`` ranks under mlx.launch; ``stdin`` is written to the launcher (which passes
+    it to every rank). A run past ``timeout`` fails the test with what the ranks printed."""
     launcher = BIN / "mlx.launch"
     if not launcher.exists():
         pytest.skip("mlx.launch is not installed with this mlx")
     port = _free_port_base(ranks)
-    cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(port),
-           "--", str(BIN / "streamer"), *args]  # fmt: skip
+    cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(port), "--", *command]
     # Its own session, so a run that hangs is ended with every rank the launcher started.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else None, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()

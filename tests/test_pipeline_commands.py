@@ -14,24 +14,30 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import BIN, LAUNCH_TIMEOUT_S, _free_port_base, _launch, packed  # noqa: F401
+from tests.test_pipeline import (  # noqa: F401
+    BIN,
+    LAUNCH_TIMEOUT_S,
+    _free_port_base,
+    _launch,
+    _launch_command,
+    packed,
+)
+from tests.test_serve_sigint import Serve
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["def add(a, b):", "import os\nimport", "class Stack:\n    def", "for i in range(10):"]
 
 
-class Server:
-    """`streamer serve` as one process or as ``ranks`` ranks under mlx.launch; stderr read on a thread."""
+class Server(Serve):
+    """`streamer serve` as one process or as ``ranks`` ranks under mlx.launch, in a session of its own."""
 
     def __init__(self, packed: Path, tmp_path: Path, ranks: int = 1, *flags: str):
-        env = {**os.environ, "STREAMER_HOME": str(tmp_path / "home"), "STREAMER_CACHE": str(tmp_path / "c")}
         serve = [str(BIN / "streamer"), "serve", str(packed), "--port", "0", "--served-model-name", "tiny",
                  "--max-batch", "4", *flags]  # fmt: skip
         if ranks > 1:
@@ -41,24 +47,11 @@ class Server:
             port = _free_port_base(ranks)
             serve = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", str(port),
                      "--", *serve]  # fmt: skip
-        self.proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env=env, cwd=REPO, start_new_session=True)  # fmt: skip
-        self.lines: list[str] = []
-        self.url: str | None = None
-        self._listening = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if self.url is None and (m := re.search(r"Anthropic API at (http://\S+)", line)):
-                self.url = m.group(1)
-                self._listening.set()
-        self._listening.set()
+        super().__init__(packed, tmp_path, serve, start_new_session=True)
 
     def wait_listening(self, timeout: float = LAUNCH_TIMEOUT_S) -> None:
-        assert self._listening.wait(timeout), "serve did not start: " + "".join(self.lines)
-        assert self.url, f"serve exited ({self.proc.poll()}) before listening: " + "".join(self.lines)
+        assert self._listening.wait(timeout), "serve did not start: " + self.stderr
+        assert self.url, f"serve exited ({self.proc.poll()}) before listening: " + self.stderr
 
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(
@@ -164,19 +157,7 @@ def _chat_run(packed: Path, ranks: int, stdin: str) -> subprocess.CompletedProce
         return subprocess.run([str(BIN / "streamer"), *flags], input=stdin, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
     # mlx.launch forwards its stdin to every rank but never closes theirs: the input ends with /quit.
-    proc = subprocess.Popen(
-        [str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(ranks), "--starting-port",
-         str(_free_port_base(ranks)), "--", str(BIN / "streamer"), *flags],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(stdin, timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"chat under mlx.launch did not finish: {out}{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return _launch_command(ranks, [str(BIN / "streamer"), *flags], stdin=stdin)
 
 
 @pytest.mark.slow

@@ -40,9 +40,13 @@ def packed(tmp_path_factory) -> Path:
 
 
 class Serve:
-    """`streamer serve` in a subprocess; a thread collects stderr and spots the listening URL."""
+    """`streamer serve` in a subprocess; a thread collects stderr and spots the listening URL.
 
-    def __init__(self, packed: Path, tmp_path: Path):
+    ``command`` replaces the plain ``streamer serve PACKED`` (e.g. the same under mlx.launch); ``popen``
+    adds Popen arguments.
+    """
+
+    def __init__(self, packed: Path, tmp_path: Path, command: list[str] | None = None, **popen):
         env = {
             **os.environ,
             "STREAMER_HOME": str(tmp_path / "home"),
@@ -50,12 +54,13 @@ class Serve:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
         self.proc = subprocess.Popen(
-            [*STREAMER, "serve", str(packed), "--port", "0", "--served-model-name", "tiny"],
+            command or [*STREAMER, "serve", str(packed), "--port", "0", "--served-model-name", "tiny"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
             cwd=REPO,
+            **popen,
         )
         self.lines: list[str] = []
         self.url: str | None = None

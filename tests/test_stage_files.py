@@ -9,8 +9,6 @@ own MLX_RANK: as if each machine held its copy at the same path.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 
 import pytest
@@ -22,7 +20,7 @@ from streamer.storage.packed import open_packed
 from streamer.storage.repack import run_repack
 from streamer.storage.repack_plan import make_plan
 from streamer.synthetic.writer import generate
-from tests.test_pipeline import BIN, LAUNCH_TIMEOUT_S, PROMPT, _free_port_base
+from tests.test_pipeline import BIN, LAUNCH_TIMEOUT_S, PROMPT, _launch_command
 
 N_TOKENS = 8
 
@@ -37,23 +35,9 @@ def source(tmp_path_factory):
 
 def _launch_per_rank_dirs(prefix, *flags, timeout=LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
     """``streamer generate PREFIX<rank>`` on 2 ranks (ring backend, loopback)."""
-    launcher = BIN / "mlx.launch"
-    if not launcher.exists():
-        pytest.skip("mlx.launch is not installed with this mlx")
     args = " ".join(["--prompt-ids", PROMPT, "-n", str(N_TOKENS), "--json", *flags])
     command = f'exec "{BIN / "streamer"}" generate "{prefix}$MLX_RANK" {args}'
-    cmd = [str(launcher), "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_base(2)),
-           "--", "sh", "-c", command]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the ranks did not finish within {timeout} s (a hang):\n{out}{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return _launch_command(2, ["sh", "-c", command], timeout=timeout)
 
 
 @pytest.mark.slow
