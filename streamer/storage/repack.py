@@ -45,15 +45,15 @@ from streamer.storage.repack_destination import (
     _drop_incomplete,
     _locked,
     _same_source,
+    damaged_parts,
     inspect_destination,
     recheck_complete,
+    without_damaged,
 )
 from streamer.storage.repack_plan import DestinationError, RepackPlan
 from streamer.storage.safetensors_file import TensorInfo
 from streamer.storage.verify import (
-    bytes_to_check,
     check_held_files,
-    packed_checks,
     read_any_manifest,
     verify_layer_file,
     verify_resident_file,
@@ -264,27 +264,8 @@ def _recheck(plan: RepackPlan, progress: ProgressFn | None) -> Journal | None:
     copy = _stage_copy(plan.dst)
     if copy is None:
         return recheck_complete(plan, progress)
-    total, checked = bytes_to_check(plan.dst, copy), 0
-
-    def step(n: int) -> None:
-        nonlocal checked
-        checked += n
-        if progress:
-            progress(checked, total)
-
-    journal = _journal_from_copy(copy, plan)
-    damaged = False
-    for part, _, check in packed_checks(plan.dst, copy, step):
-        try:
-            check()
-        except PackedFormatError as e:
-            log.warning("%s is damaged (%s): rewriting what is damaged", plan.dst, e)
-            damaged = True
-            if part == RESIDENT_FILE:
-                journal.resident_crc32 = None
-            elif isinstance(part, int):
-                journal.layers.pop(part, None)
-    return journal if damaged else None
+    damaged = damaged_parts(plan.dst, copy, progress, log)
+    return without_damaged(_journal_from_copy(copy, plan), damaged) if damaged else None
 
 
 def _write_all_steps(

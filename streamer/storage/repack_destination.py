@@ -132,8 +132,21 @@ def recheck_complete(plan: RepackPlan, progress=None) -> Journal | None:
     """
     dst = plan.dst
     manifest = Manifest.from_json_bytes((dst / MANIFEST_FILE).read_bytes(), dst / MANIFEST_FILE)
-    total = bytes_to_check(dst, manifest)
-    checked = 0
+    damaged = damaged_parts(dst, manifest, progress)
+    return without_damaged(_journal_from_manifest(manifest, plan), damaged) if damaged else None
+
+
+def damaged_parts(
+    dst: Path, manifest: Manifest, progress=None, logger: logging.Logger = log
+) -> set[str | int]:
+    """Runs every check of the copy ``manifest`` describes (``verify.packed_checks``), warning about each
+    damaged part on ``logger``; returns the damaged parts (copied files' names, ``RESIDENT_FILE``, layer
+    indices).
+
+    Args:
+        progress: called with (bytes checked, total bytes).
+    """
+    total, checked = bytes_to_check(dst, manifest), 0
 
     def step(n: int) -> None:
         nonlocal checked
@@ -146,18 +159,18 @@ def recheck_complete(plan: RepackPlan, progress=None) -> Journal | None:
         try:
             check()
         except PackedFormatError as e:
-            log.warning("%s is damaged (%s): rewriting what is damaged", dst, e)
+            logger.warning("%s is damaged (%s): rewriting what is damaged", dst, e)
             damaged.add(part)
-    bad_files = [part for part in damaged if isinstance(part, str) and part != RESIDENT_FILE]
-    bad_resident = RESIDENT_FILE in damaged
-    bad_layers = [part for part in damaged if isinstance(part, int)]
-    if not (bad_files or bad_resident or bad_layers):
-        return None
-    journal = _journal_from_manifest(manifest, plan)
-    if bad_resident:
+    return damaged
+
+
+def without_damaged(journal: Journal, damaged: set[str | int]) -> Journal:
+    """``journal`` without the steps that wrote ``damaged`` parts (copied files are always recopied)."""
+    if RESIDENT_FILE in damaged:
         journal.resident_crc32 = None
-    for layer in bad_layers:
-        journal.layers.pop(layer, None)
+    for part in damaged:
+        if isinstance(part, int):
+            journal.layers.pop(part, None)
     return journal
 
 
