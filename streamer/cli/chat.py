@@ -205,8 +205,9 @@ class _ChatLoop:
             s.set_system(arg or None)
             self._note("system prompt set" if arg else "system prompt removed")
         elif name == "/stats":
-            self._note(self._totals_line())
-            for line in rank_lines(self.session.totals()["ranks"]):
+            totals = self.session.totals()  # one gathering of stats (around every rank of a pipeline)
+            self._note(self._totals_line(totals))
+            for line in rank_lines(totals["ranks"]):
                 self._note("  " + line)
         elif name in ("/save", "/load"):
             self._session_command(name, arg)
@@ -314,8 +315,7 @@ class _ChatLoop:
         parts += self._expert_parts(t.expert)
         return "[" + " | ".join(parts) + "]"
 
-    def _totals_line(self) -> str:
-        tot = self.session.totals()
+    def _totals_line(self, tot: dict) -> str:
         parts = [
             f"{tot['turns']} turn{'' if tot['turns'] == 1 else 's'}",
             f"generated {tot['generated_tokens']} tokens, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from pathlib import Path
 
@@ -138,9 +139,9 @@ def serve(
     if rank is not None and rank.rank != 0:
         rank.serve_until_stopped()
     if rank is not None:
-        load = lambda: rank.load_engine(exit_on_loss=True)  # noqa: E731
+        load = functools.partial(rank.load_engine, exit_on_loss=True)
     else:
-        load = lambda: open_engine(model, runtime, resident)  # noqa: E731
+        load = functools.partial(open_engine, model, runtime, resident)
     server = start_server(load, config)
     click.echo(
         f"serving {config.model_names[0]}: OpenAI API at {server.url}/v1, Anthropic API at {server.url}",

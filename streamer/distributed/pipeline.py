@@ -33,8 +33,8 @@ import numpy as np
 from streamer.distributed.stage import Stage
 from streamer.errors import StreamerError
 from streamer.loader import Engine
-from streamer.models.layer_cache import CacheBatch, batch_caches, ragged_caches
-from streamer.models.qwen3_5_moe import Model
+from streamer.models.layer_cache import CacheBatch, batch_caches, ragged_caches, snapshot_arrays
+from streamer.models.qwen3_5_moe import Model, last_positions
 
 OP_CALL, OP_STATS, OP_STOP, OP_SNAPSHOT, OP_RESTORE = 1, 2, 3, 4, 5
 HEADER = 6  # op, cache id, B (or snapshot id), L, last_only, blob bytes
@@ -345,8 +345,7 @@ class StageState:
         """Keeps a copy of the sequence's layer state (copies, so the snapshot does not pin the live
         buffers); returns its bytes."""
         copies = [_copied(c.snapshot()) for c in self.caches_of(cache_id)]
-        arrays = [getattr(s, f.name) for s in copies for f in dataclasses.fields(s)]
-        arrays = [a for a in arrays if isinstance(a, mx.array)]
+        arrays = [a for s in copies for a in snapshot_arrays(s)]
         mx.eval(arrays)
         self.snaps[snap_id] = copies
         return sum(a.nbytes for a in arrays)
@@ -412,7 +411,7 @@ def _run_call(state: StageState, link: Link, header: list[int], blob: dict, last
     h = link.recv((B, L, state.stage.args.hidden_size), state.stage.model.dtype)
     h = state.stage.run(h, cache)
     if last and last_only:  # as Model.__call__ does before the head
-        h = h[:, cache[0].last_positions, :] if lengths else h[:, -1:, :]
+        h = last_positions(h, cache)
     mx.eval(h, [c.state for row in rows for c in row])
     return h
 

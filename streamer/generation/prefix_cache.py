@@ -15,14 +15,13 @@ Names: B = batch, Hkv = key/value heads, L = positions in a segment, D = head di
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from streamer.models.layer_cache import KVSnapshot
+from streamer.models.layer_cache import KVSnapshot, snapshot_arrays
 
 
 @dataclass
@@ -145,7 +144,7 @@ def capture_state(cache: list, base: ModelState | None) -> tuple[ModelState, int
     )
     recurrent = tuple(None if isinstance(s, KVSnapshot) else s for s in snaps)
     kv_arrays = [a for pair in kv if pair for a in pair]
-    own_arrays = [a for s in recurrent if s is not None for a in _arrays(s)]
+    own_arrays = [a for s in recurrent if s is not None for a in snapshot_arrays(s)]
     mx.eval(kv_arrays, own_arrays)
     length = snaps[0].offset
     segments = base.segments if base else ()
@@ -171,8 +170,3 @@ def restore_state(cache: list, state: ModelState) -> None:
         layer_cache.restore(KVSnapshot(keys[0], values[0], state.length))
     if state.remote is not None:
         cache.restore_remote(state.remote)
-
-
-def _arrays(snap) -> list[mx.array]:
-    values = (getattr(snap, f.name) for f in dataclasses.fields(snap))
-    return [a for a in values if isinstance(a, mx.array)]

@@ -9,6 +9,7 @@ Hv = value heads, Dv / Dk = value / key head dims.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -227,6 +228,12 @@ def snapshot_caches(caches: list[LayerCache]) -> list:
     if hasattr(caches, "snapshot"):
         return caches.snapshot()
     return [c.snapshot() for c in caches]
+
+
+def snapshot_arrays(snap: KVSnapshot | DeltaNetSnapshot) -> list[mx.array]:
+    """The arrays a layer's snapshot holds (a KV cache's or a DeltaNet layer's, whichever it has)."""
+    values = (getattr(snap, f.name) for f in dataclasses.fields(snap))
+    return [a for a in values if isinstance(a, mx.array)]
 
 
 def restore_caches(caches: list[LayerCache], snapshots: list) -> None:

@@ -200,6 +200,13 @@ def default_delta_rule(dtype: mx.Dtype) -> DeltaRule:
     return "recurrent"
 
 
+def last_positions(h: mx.array, caches: list) -> mx.array:
+    """The hidden states [B, L, H] of each sequence's last position: [B, 1, H], or [1, G, H] when
+    ``caches`` are ragged (G prompts end to end in one row)."""
+    ragged = caches[0] if isinstance(caches[0], RaggedBatch) else None
+    return h[:, ragged.last_positions, :] if ragged else h[:, -1:, :]
+
+
 class Model(nn.Module):
     """Token ids [B, L] -> logits [B, L, V].
 
@@ -237,8 +244,7 @@ class Model(nn.Module):
         for layer, c in zip(self.layers, caches, strict=True):
             h = layer(h, c)
         if last_only:  # the output head on one position instead of L (V can be 248k)
-            ragged = caches[0] if isinstance(caches[0], RaggedBatch) else None
-            h = h[:, ragged.last_positions, :] if ragged else h[:, -1:, :]
+            h = last_positions(h, caches)
         h = text.norm(h)
         if self.args.tie_word_embeddings:
             return text.embed_tokens.as_linear(h)
