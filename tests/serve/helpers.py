@@ -72,14 +72,28 @@ def stats(s) -> dict:
     return raw(s, "GET", "/v1/stats")[1]
 
 
-def totals_after(s, before: dict, requests: int, timeout: float = 15) -> dict:
-    """``/v1/stats`` totals once ``requests`` more requests than ``before`` are recorded (the worker records
-    a request just after its answer has gone, so a read right after the answer can miss it)."""
+def settled_totals(s, timeout: float = 15) -> dict:
+    """``/v1/stats`` totals once the server is idle and every earlier request is recorded (the worker
+    records a request just after its answer has gone: a read right after an answer can miss it)."""
     deadline = time.monotonic() + timeout
-    while (totals := stats(s)["totals"])["requests"] < before["requests"] + requests:
-        assert time.monotonic() < deadline, f"{requests} request(s) not recorded within {timeout} s"
+    last = None
+    while True:
+        now = stats(s)
+        if not now["busy"] and now["totals"] == last:
+            return now["totals"]
+        assert time.monotonic() < deadline, f"the server did not settle within {timeout} s"
+        last = now["totals"]
+        time.sleep(0.05)
+
+
+def records_of(s, request_id: str, n: int, timeout: float = 15) -> list[dict]:
+    """The ``n`` records ``/v1/stats`` keeps for the request ``request_id`` (labelled with its id, or
+    "id/i" for choice i of several), once all are recorded."""
+    deadline = time.monotonic() + timeout
+    while len(mine := [r for r in stats(s)["recent"] if r["label"].split("/")[0] == request_id]) < n:
+        assert time.monotonic() < deadline, f"{n} records of {request_id} not recorded within {timeout} s"
         time.sleep(0.02)
-    return totals
+    return mine
 
 
 def raw(s, method: str, path: str, body: bytes | None = None, headers=None) -> tuple[int, dict]:

@@ -11,7 +11,7 @@ import http.client
 import json
 import time
 
-from tests.serve.helpers import CALL, GREEDY, WEATHER_TOOL, oai, raw, stats, totals_after
+from tests.serve.helpers import CALL, GREEDY, WEATHER_TOOL, oai, raw, records_of, settled_totals, stats
 
 OFF = {"chat_template_kwargs": {"enable_thinking": False}}
 USER = [{"role": "user", "content": "seven tigers"}]
@@ -48,14 +48,14 @@ def test_greedy_choices_are_the_single_answer_and_decode_in_one_batch(server):
 
 def test_choices_read_the_prompt_once(server):
     """The N choices share one prefill: the followers adopt the first choice's prompt state."""
-    before = stats(server)["totals"]
+    before = settled_totals(server)
     messages = [{"role": "user", "content": "a prompt no other test sends: basket quantum violin river"}]
     r = oai(server).chat.completions.create(
         model="tiny", messages=messages, max_tokens=4, n=3, extra_body={"ignore_eos": True, **OFF, **GREEDY}
     )
-    after = totals_after(server, before, 1)
-    prefilled = after["prefilled_tokens"] - before["prefilled_tokens"]
+    prefilled = sum(record["prefilled_tokens"] for record in records_of(server, r.id, 3))
     assert 0 < prefilled <= r.usage.prompt_tokens  # once, not three times
+    after = stats(server)["totals"]
     assert after["requests"] - before["requests"] == 1  # one request ...
     assert after["sequences"] - before["sequences"] == 3  # ... of three answers
 
